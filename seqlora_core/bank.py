@@ -1,0 +1,340 @@
+"""The concept bank: ordered concepts with per-layer factors and sketches, one .safetensors file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from .stats import Sketch
+from .targets import LayerSpec, layer_spec
+
+SCHEMA_VERSION = 1
+FORMAT_TAG = "seqlora-bank"
+
+
+class BankError(ValueError):
+    """Base class of bank errors; the message names the file or field and the fix."""
+
+
+class BankFormatError(BankError):
+    """The file is not a readable SeqLoRA bank (corrupt, truncated, or another kind of file)."""
+
+
+class BankVersionError(BankError):
+    """The bank was written by a newer or unknown schema version."""
+
+
+class BankMismatchError(BankError):
+    """The bank's layers do not match the model's layers."""
+
+
+class DuplicateConceptError(BankError):
+    """A concept of that name is already in the bank."""
+
+
+@dataclass
+class ConceptLayer:
+    """One concept at one layer: dW = B @ A (A: r x n basis, B: m x r), plus its activation sketch."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    sketch: Sketch | None = None
+    soft: bool = False  # True where the layer was full and orthogonality was a penalty only
+    moment: torch.Tensor | None = None  # full n x n second moment (kept by the fusion baseline only)
+
+
+@dataclass
+class Concept:
+    """A learned (or imported) concept."""
+
+    name: str
+    triggers: list[str]
+    rank: int
+    method: str
+    layers: dict[str, ConceptLayer]
+    source: str = "trained"  # or "imported"
+    loss_curve: list[float] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+    def delta(self, layer: str) -> torch.Tensor:
+        """dW at ``layer`` (m x n, fp32)."""
+        cl = self.layers[layer]
+        return cl.B.float() @ cl.A.float()
+
+
+def fingerprint(specs: Iterable[LayerSpec]) -> str:
+    """A short hash of the adapted layers' names and shapes."""
+    h = hashlib.sha256()
+    for s in specs:
+        h.update(f"{s.name}:{s.kind}:{s.out_features}:{s.in_features}:{s.kernel[0]}x{s.kernel[1]}\n".encode())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class ConceptBank:
+    """Ordered concepts over a fixed set of adapted layers. Treat as immutable: methods return new banks."""
+
+    layers: list[LayerSpec]
+    layer_naming: str = "module"  # "diffusers", "ldm" or "module" (names as in the trained module)
+    architecture: str = "unknown"
+    prior: dict[str, Sketch] = field(default_factory=dict)  # concept 0: the base model's statistics
+    concepts: list[Concept] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+
+    # ---- queries -------------------------------------------------------------------------
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.layers)
+
+    def names(self) -> list[str]:
+        return [c.name for c in self.concepts]
+
+    def layer(self, name: str) -> LayerSpec:
+        for s in self.layers:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def concept(self, name: str) -> Concept:
+        for c in self.concepts:
+            if c.name == name:
+                return c
+        raise KeyError(f"no concept {name!r} in the bank; it has: {', '.join(self.names()) or 'none'}")
+
+    def index(self, name: str) -> int:
+        return self.names().index(self.concept(name).name)
+
+    # ---- new banks -------------------------------------------------------------------------
+    def with_concept(self, concept: Concept) -> ConceptBank:
+        """A new bank with ``concept`` appended."""
+        if not concept.name.strip():
+            raise BankError("concept name: empty; give the concept a name")
+        if concept.name in self.names():
+            raise DuplicateConceptError(
+                f"concept name {concept.name!r} is already in the bank; choose another name, "
+                "or drop the old one first (bank.without(name))"
+            )
+        missing = [s.name for s in self.layers if s.name not in concept.layers]
+        if missing:
+            raise BankMismatchError(f"concept {concept.name!r} lacks {len(missing)} layers, e.g. {missing[0]!r}")
+        return replace(self, concepts=[*self.concepts, concept])
+
+    def with_prior(self, prior: dict[str, Sketch]) -> ConceptBank:
+        return replace(self, prior=dict(prior))
+
+    def truncated_before(self, name: str) -> ConceptBank:
+        """The bank as it was before ``name`` was learned (drops it and every later concept)."""
+        return replace(self, concepts=self.concepts[: self.index(name)])
+
+    def without(self, name: str) -> ConceptBank:
+        """A bank without ``name``; later concepts stay (their orthogonality to it still holds)."""
+        self.concept(name)
+        return replace(self, concepts=[c for c in self.concepts if c.name != name])
+
+    def renamed_layers(self, mapping: dict[str, str], naming: str) -> ConceptBank:
+        """The same bank with layer names translated (e.g. diffusers -> LDM) by ``mapping``."""
+        unknown = [s.name for s in self.layers if s.name not in mapping]
+        if unknown:
+            raise BankMismatchError(
+                f"no name mapping for {len(unknown)} bank layers, e.g. {unknown[0]!r}; "
+                "the bank was trained on another architecture"
+            )
+        layers = [replace(s, name=mapping[s.name]) for s in self.layers]
+        prior = {mapping[k]: v for k, v in self.prior.items()}
+        concepts = [
+            replace(c, layers={mapping[k]: v for k, v in c.layers.items()}) for c in self.concepts
+        ]
+        return replace(self, layers=layers, prior=prior, concepts=concepts, layer_naming=naming)
+
+    # ---- model checks --------------------------------------------------------------------------
+    def check_model(self, model: nn.Module) -> None:
+        """Raise BankMismatchError naming the layers that the model lacks or shapes differently."""
+        problems = []
+        for spec in self.layers:
+            try:
+                module = model.get_submodule(spec.name)
+            except AttributeError:
+                problems.append(f"{spec.name}: missing")
+                continue
+            base = getattr(module, "base", module)
+            try:
+                have = layer_spec(spec.name, base)
+            except TypeError as e:
+                problems.append(str(e))
+                continue
+            if have != spec:
+                problems.append(
+                    f"{spec.name}: bank {spec.out_features}x{spec.in_features}, "
+                    f"model {have.out_features}x{have.in_features}"
+                )
+        if problems:
+            raise BankMismatchError(
+                f"this bank (fingerprint {self.fingerprint}, {self.architecture}, {self.layer_naming} names) "
+                f"does not fit the model: {len(problems)} of {len(self.layers)} layers differ: "
+                + "; ".join(problems[:5])
+                + ("; ..." if len(problems) > 5 else "")
+                + ". Use the base model the bank was trained on, or start a new bank."
+            )
+
+    # ---- persistence -----------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the bank atomically (temp file in the same folder, then rename)."""
+        tensors, header = _encode(self)
+        data = st_save(tensors, metadata={"format": FORMAT_TAG, "seqlora": json.dumps(header)})
+        atomic_write_bytes(Path(path), data)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ConceptBank:
+        """Read a bank; clear errors for a missing, corrupt, foreign or newer-version file."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"bank file {str(path)!r} does not exist; train a concept to create it")
+        raw = path.read_bytes()
+        try:
+            tensors = st_load(raw)
+            meta = _read_header(raw)
+        except (SafetensorError, ValueError, json.JSONDecodeError) as e:
+            raise BankFormatError(
+                f"bank file {str(path)!r} is corrupt or truncated ({e}); restore it from a copy, "
+                "or delete it to start a new bank"
+            ) from e
+        if meta.get("format") != FORMAT_TAG or "seqlora" not in meta:
+            raise BankFormatError(
+                f"{str(path)!r} is a safetensors file but not a SeqLoRA bank (it may be a LoRA: "
+                "import it with import_lora instead)"
+            )
+        try:
+            header = json.loads(meta["seqlora"])
+        except json.JSONDecodeError as e:
+            raise BankFormatError(f"bank file {str(path)!r}: unreadable header ({e})") from e
+        version = header.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise BankVersionError(
+                f"bank file {str(path)!r} has schema version {version!r}; this SeqLoRA reads version "
+                f"{SCHEMA_VERSION}. Update SeqLoRA to open it."
+            )
+        try:
+            return _decode(header, tensors)
+        except KeyError as e:
+            raise BankFormatError(f"bank file {str(path)!r} lacks tensor {e}; the file is damaged") from e
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _read_header(raw: bytes) -> dict:
+    n = int.from_bytes(raw[:8], "little")
+    if n <= 0 or 8 + n > len(raw):
+        raise ValueError("header length out of range")
+    return json.loads(raw[8 : 8 + n]).get("__metadata__", {}) or {}
+
+
+def _sketch_tensors(prefix: str, sk: Sketch, out: dict[str, torch.Tensor]) -> None:
+    out[f"{prefix}.U"] = sk.U.float().contiguous().cpu()
+    out[f"{prefix}.s"] = sk.s.float().contiguous().cpu()
+
+
+def _encode(bank: ConceptBank) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors: dict[str, torch.Tensor] = {}
+    index = {s.name: i for i, s in enumerate(bank.layers)}
+    prior_traces = {}
+    for name, sk in bank.prior.items():
+        _sketch_tensors(f"prior.{index[name]}", sk, tensors)
+        prior_traces[str(index[name])] = sk.trace
+    concepts = []
+    for ci, c in enumerate(bank.concepts):
+        layer_meta = {}
+        for name, cl in c.layers.items():
+            li = index[name]
+            p = f"c{ci}.{li}"
+            tensors[f"{p}.A"] = cl.A.detach().float().contiguous().cpu()
+            tensors[f"{p}.B"] = cl.B.detach().float().contiguous().cpu()
+            entry: dict = {"soft": cl.soft}
+            if cl.sketch is not None:
+                _sketch_tensors(p, cl.sketch, tensors)
+                entry["trace"] = cl.sketch.trace
+            if cl.moment is not None:
+                tensors[f"{p}.S"] = cl.moment.float().contiguous().cpu()
+            layer_meta[str(li)] = entry
+        concepts.append(
+            {
+                "name": c.name,
+                "triggers": c.triggers,
+                "rank": c.rank,
+                "method": c.method,
+                "source": c.source,
+                "loss_curve": c.loss_curve,
+                "timings": c.timings,
+                "info": c.info,
+                "layers": layer_meta,
+            }
+        )
+    header = {
+        "schema_version": SCHEMA_VERSION,
+        "layer_naming": bank.layer_naming,
+        "architecture": bank.architecture,
+        "fingerprint": bank.fingerprint,
+        "layers": [[s.name, s.kind, s.out_features, s.in_features, list(s.kernel)] for s in bank.layers],
+        "prior_traces": prior_traces,
+        "concepts": concepts,
+        "meta": bank.meta,
+    }
+    return tensors, header
+
+
+def _decode(header: dict, tensors: dict[str, torch.Tensor]) -> ConceptBank:
+    layers = [LayerSpec(n, k, m, i, tuple(ker)) for n, k, m, i, ker in header["layers"]]
+    prior = {}
+    for li_s, trace in header.get("prior_traces", {}).items():
+        li = int(li_s)
+        prior[layers[li].name] = Sketch(tensors[f"prior.{li}.U"], tensors[f"prior.{li}.s"], trace)
+    concepts = []
+    for ci, c in enumerate(header["concepts"]):
+        cls = {}
+        for li_s, entry in c["layers"].items():
+            li = int(li_s)
+            p = f"c{ci}.{li}"
+            sketch = None
+            if f"{p}.U" in tensors:
+                sketch = Sketch(tensors[f"{p}.U"], tensors[f"{p}.s"], entry.get("trace", 0.0))
+            cls[layers[li].name] = ConceptLayer(
+                tensors[f"{p}.A"], tensors[f"{p}.B"], sketch, entry.get("soft", False), tensors.get(f"{p}.S")
+            )
+        concepts.append(
+            Concept(
+                c["name"], list(c["triggers"]), c["rank"], c["method"], cls, c.get("source", "trained"),
+                list(c.get("loss_curve", [])), dict(c.get("timings", {})), dict(c.get("info", {})),
+            )
+        )
+    bank = ConceptBank(
+        layers, header.get("layer_naming", "module"), header.get("architecture", "unknown"), prior,
+        concepts, dict(header.get("meta", {})),
+    )
+    if header.get("fingerprint") and header["fingerprint"] != bank.fingerprint:
+        raise BankFormatError("the bank's layer list does not match its recorded fingerprint; the file is damaged")
+    return bank

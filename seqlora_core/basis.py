@@ -1,0 +1,104 @@
+"""Learned LoRA bases on the Stiefel manifold, kept orthogonal to earlier concepts' bases."""
+
+from __future__ import annotations
+
+import torch
+
+
+def orthonormal_rows(a: torch.Tensor) -> torch.Tensor:
+    """Rows of ``a`` (..., r, n) orthonormalised by QR, with a sign convention that makes it deterministic."""
+    q, r = torch.linalg.qr(a.mT.double())
+    signs = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
+    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+    return (q * signs.unsqueeze(-2)).mT.to(a.dtype).contiguous()
+
+
+def span_basis(rows: list[torch.Tensor], n: int, tol: float = 1e-6) -> torch.Tensor:
+    """An orthonormal basis (n x K) of the span of all rows given (earlier concepts' A_j)."""
+    if not rows:
+        return torch.zeros(n, 0)
+    stacked = torch.cat([r.double() for r in rows], 0)
+    u, s, _ = torch.linalg.svd(stacked.T, full_matrices=False)
+    keep = s > tol * max(float(s.max()), 1e-30)
+    return u[:, keep].float().contiguous()
+
+
+def project_out(g: torch.Tensor, q: torch.Tensor | None) -> torch.Tensor:
+    """G P with P = I - Q Q^T: remove the components of G's rows along earlier bases (batched)."""
+    if q is None or q.shape[-1] == 0:
+        return g
+    return g - (g @ q) @ q.mT
+
+
+def stiefel_tangent(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Project a Euclidean gradient G onto the tangent space of {A : A A^T = I} at A."""
+    x = g @ a.mT
+    return g - 0.5 * (x + x.mT) @ a
+
+
+def retract(a: torch.Tensor, q: torch.Tensor | None) -> torch.Tensor:
+    """Back onto the feasible set: re-project on the complement of Q, then QR."""
+    return orthonormal_rows(project_out(a, q))
+
+
+def generalized_eigen_basis(
+    s_new: torch.Tensor,
+    s_old: torch.Tensor,
+    r: int,
+    q_prev: torch.Tensor | None = None,
+    delta_scale: float = 1e-2,
+) -> torch.Tensor:
+    """Top-r directions maximising a^T S_new a / a^T (S_old + delta I) a within the complement of Q.
+
+    ``delta = delta_scale * tr(S_old) / n``. Returns A (r x n) with orthonormal rows, orthogonal to Q.
+    """
+    n = s_new.shape[0]
+    s_new = s_new.double()
+    s_old = s_old.double()
+    delta = delta_scale * float(torch.trace(s_old)) / n
+    if delta <= 0:
+        delta = delta_scale * max(float(torch.trace(s_new)) / n, 1e-12)
+    if q_prev is not None and q_prev.shape[1] > 0:
+        # Z: orthonormal basis of the complement of span(Q)
+        q = q_prev.double()
+        proj = torch.eye(n, dtype=torch.float64) - q @ q.T
+        evals, evecs = torch.linalg.eigh(proj)
+        z = evecs[:, evals > 0.5]
+    else:
+        z = torch.eye(n, dtype=torch.float64)
+    if z.shape[1] < r:
+        raise ValueError(f"only {z.shape[1]} free directions left, rank {r} needs {r}")
+    a_new = z.T @ s_new @ z
+    a_old = z.T @ s_old @ z + delta * torch.eye(z.shape[1], dtype=torch.float64)
+    chol = torch.linalg.cholesky((a_old + a_old.T) / 2)
+    inv = torch.linalg.solve_triangular(chol, torch.eye(z.shape[1], dtype=torch.float64), upper=False)
+    m = inv @ a_new @ inv.T
+    evals, evecs = torch.linalg.eigh((m + m.T) / 2)
+    top = evecs[:, -r:].flip(1)  # descending
+    dirs = inv.T @ top  # generalised eigenvectors in z-coordinates
+    a = (z @ dirs).T
+    return retract(a.float(), q_prev)
+
+
+def random_orthonormal(n: int, seed: int) -> torch.Tensor:
+    """A seeded random orthonormal n x n basis (rows), the same for a given (n, seed)."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + n)
+    return orthonormal_rows(torch.randn(n, n, generator=gen, dtype=torch.float64)).float()
+
+
+def frozen_slot(n: int, r: int, slot: int, seed: int) -> tuple[torch.Tensor, bool]:
+    """Orthogonal Adaptation's basis: rows [slot*r, (slot+1)*r) of one seeded basis; wraps when full.
+
+    Returns (A, wrapped): ``wrapped`` says the slots ran out and the basis reuses directions.
+    """
+    basis = random_orthonormal(n, seed)
+    slots = n // r
+    wrapped = slot >= slots
+    i = slot % slots
+    return basis[i * r : (i + 1) * r].contiguous(), wrapped
+
+
+def kaiming_rows(n: int, r: int, generator: torch.Generator) -> torch.Tensor:
+    """kohya's lora_down init (kaiming-uniform with a = sqrt(5)): U(-1/sqrt(n), 1/sqrt(n))."""
+    bound = 1.0 / n**0.5
+    return (torch.rand(r, n, generator=generator) * 2 - 1) * bound

@@ -1,0 +1,48 @@
+"""The training methods: SeqLoRA and the baselines it is compared with, in one engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Method:
+    """What a method trains and how.
+
+    basis: "learned" (Stiefel, data-driven init, orthogonal to earlier bases), "free" (a plain LoRA down
+    factor, kaiming init, Adam), or "frozen_slot" (Orthogonal Adaptation's fixed disjoint slots).
+    """
+
+    name: str
+    basis: str
+    constrained: bool  # orthogonality projection + interference penalty with dual ascent
+    penalty_on_up: bool  # single-level: the penalty's gradient also reaches B (the `joint` ablation)
+    context: str  # default training context: "stacked" (earlier concepts active) or "base"
+    keep_moment: bool = False  # store each layer's full input moment (the fusion baseline needs it)
+    summary: str = ""
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("seqlora", "learned", True, False, "stacked",
+               summary="bilevel: learned orthogonal basis (upper), up factor fits the concept (lower)"),
+        Method("lora", "free", False, False, "base", summary="a standard LoRA per concept on the base model"),
+        Method("sequential", "free", False, False, "stacked",
+               summary="a standard LoRA trained on top of the earlier concepts"),
+        Method("ortho_frozen", "frozen_slot", False, False, "base",
+               summary="Orthogonal Adaptation: frozen disjoint random basis slots, only B trained"),
+        Method("joint", "learned", True, True, "stacked",
+               summary="SeqLoRA's constraint and penalty, single-level (penalty gradient on B too)"),
+        Method("fusion", "free", False, False, "base", keep_moment=True,
+               summary="independent LoRAs fused by least squares at composition (Mix-of-Show-style)"),
+    )
+}
+
+
+def get_method(name: str) -> Method:
+    """The method called ``name``; a clear error lists the known ones."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"method: unknown {name!r}; choose one of {', '.join(METHODS)}") from None

@@ -1,0 +1,122 @@
+"""Activation statistics: streaming second moments of layer inputs, reduced to rank-k sketches."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .targets import LayerSpec
+
+
+@dataclass
+class Sketch:
+    """S ~ U diag(s) U^T: the top eigenpairs of an uncentred second moment E[x x^T]."""
+
+    U: torch.Tensor  # n x k, orthonormal columns
+    s: torch.Tensor  # k, non-negative, descending
+    trace: float  # trace of the full moment (so coverage = s.sum() / trace)
+
+    @property
+    def factor(self) -> torch.Tensor:
+        """F with F F^T = U diag(s) U^T (n x k)."""
+        return self.U * self.s.clamp_min(0).sqrt()
+
+    def dense(self) -> torch.Tensor:
+        """The n x n matrix the sketch stands for."""
+        f = self.factor
+        return f @ f.T
+
+
+def layer_rows(x: torch.Tensor, spec: LayerSpec, module: nn.Module) -> torch.Tensor:
+    """A layer's input as rows of length n (tokens for a Linear, unfolded patches for a conv)."""
+    if spec.kind == "linear":
+        return x.reshape(-1, x.shape[-1])
+    if spec.kernel == (1, 1) and getattr(module, "stride", (1, 1)) == (1, 1):
+        return x.movedim(1, -1).reshape(-1, x.shape[1])
+    conv = module.base if hasattr(module, "base") else module
+    cols = F.unfold(x, spec.kernel, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def sketch_moment(moment: torch.Tensor, k_max: int = 32, energy: float = 0.99) -> Sketch:
+    """Reduce an n x n PSD moment to the fewest top eigenpairs covering ``energy`` of its trace (<= k_max)."""
+    m = moment.double()
+    m = (m + m.T) / 2
+    evals, evecs = torch.linalg.eigh(m)
+    evals = evals.flip(0).clamp_min(0)
+    evecs = evecs.flip(1)
+    trace = float(evals.sum())
+    if trace <= 0:
+        return Sketch(evecs[:, :1].float(), torch.zeros(1), 0.0)
+    cover = torch.cumsum(evals, 0) / trace
+    k = int(torch.searchsorted(cover, torch.tensor(energy, dtype=cover.dtype)).item()) + 1
+    k = max(1, min(k, k_max, evals.numel()))
+    return Sketch(evecs[:, :k].float().contiguous(), evals[:k].float().contiguous(), trace)
+
+
+class MomentRecorder:
+    """Accumulates sum(x x^T) and the row count of chosen layers' inputs through forward pre-hooks."""
+
+    def __init__(self, model: nn.Module, specs: Iterable[LayerSpec]):
+        self.model = model
+        self.specs = {s.name: s for s in specs}
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self._handles: list = []
+
+    def _hook(self, name: str, spec: LayerSpec, module: nn.Module) -> Callable:
+        def hook(_mod: nn.Module, args: tuple) -> None:
+            rows = layer_rows(args[0].detach(), spec, module).float()
+            acc = rows.T @ rows
+            if name in self.sums:
+                self.sums[name] += acc.double()
+            else:
+                self.sums[name] = acc.double()
+            self.counts[name] = self.counts.get(name, 0) + rows.shape[0]
+
+        return hook
+
+    def __enter__(self) -> MomentRecorder:
+        for name, spec in self.specs.items():
+            module = self.model.get_submodule(name)
+            self._handles.append(module.register_forward_pre_hook(self._hook(name, spec, module)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def moments(self) -> dict[str, torch.Tensor]:
+        """E[x x^T] per layer (float64, on the layer's device)."""
+        missing = [n for n in self.specs if n not in self.sums]
+        if missing:
+            raise RuntimeError(
+                f"no activations reached {len(missing)} adapted layers (first: {missing[0]!r}); "
+                "the loss closure must run the model that holds these layers"
+            )
+        return {n: self.sums[n] / max(self.counts[n], 1) for n in self.specs}
+
+
+def record_moments(
+    model: nn.Module,
+    specs: Iterable[LayerSpec],
+    run_batch: Callable[[int], object],
+    n_batches: int,
+) -> dict[str, torch.Tensor]:
+    """Second moments of the given layers' inputs over ``n_batches`` no-grad calls of ``run_batch(i)``."""
+    with MomentRecorder(model, specs) as rec, torch.no_grad():
+        for i in range(n_batches):
+            run_batch(i)
+    return rec.moments()
+
+
+def sketches_from_moments(
+    moments: dict[str, torch.Tensor], k_max: int = 32, energy: float = 0.99
+) -> dict[str, Sketch]:
+    """Per-layer sketches of per-layer moments."""
+    return {name: sketch_moment(m, k_max, energy) for name, m in moments.items()}

@@ -1,0 +1,601 @@
+"""Train one concept into a bank: the first-order, two time-scale bilevel scheme of METHOD.md section 5.
+
+Model-agnostic: the caller gives a model, a loss closure ``loss_fn(model, batch)`` and a batch function
+``batches(step)`` that is a pure function of the step index (so a resumed run replays the same data).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save
+from torch import nn
+
+from . import basis as bs
+from .adapters import AdapterLayer, inject, remove
+from .bank import Concept, ConceptBank, ConceptLayer, DuplicateConceptError, atomic_write_bytes
+from .compose import compose
+from .methods import Method, get_method
+from .stats import record_moments, sketch_moment
+from .targets import LayerSpec, find_targets
+
+log = logging.getLogger("seqlora")
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+BatchFn = Callable[[int], Any]
+
+
+class TrainingCancelled(RuntimeError):
+    """Training stopped on request; the checkpoint holds the progress so far."""
+
+    def __init__(self, step: int, checkpoint: str | None):
+        where = f"; progress saved to {checkpoint!r}, run again to resume" if checkpoint else ""
+        super().__init__(f"training cancelled at step {step}{where}")
+        self.step = step
+        self.checkpoint = checkpoint
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines one concept's training. ``lr`` is eta_B; eta_A = rho * lr."""
+
+    name: str
+    triggers: list[str] = field(default_factory=list)
+    method: str = "seqlora"
+    rank: int = 4
+    steps: int = 500
+    lr: float = 1e-4
+    rho: float = 0.1
+    weight_decay: float = 0.0  # gamma of the lower level
+    budget: float = 0.05  # eps: sum_j R(t->j) <= eps * R(t->t)
+    dual_lr: float = 1.0  # eta_lambda
+    dual_every: int = 10  # K
+    targets: str | tuple[str, ...] = "attn"
+    context: str | None = None  # "stacked" | "base"; None = the method's default
+    seed: int = 0
+    stats_batches: int = 4
+    sketch_rank: int = 32
+    sketch_energy: float = 0.99
+    penalty_rank: int = 64
+    reserve: int = 0
+    checkpoint_path: str | None = None
+    checkpoint_every: int = 50
+    precision: str = "auto"  # "auto" (bf16 autocast on CUDA), "bf16", "fp16", "fp32"
+    gradient_checkpointing: bool = False
+    layer_naming: str = "module"
+    architecture: str = "unknown"
+
+    def validate(self) -> Method:
+        if not self.name or not self.name.strip():
+            raise ValueError("name: empty; give the concept a name (e.g. 'my_dog')")
+        if not 1 <= self.rank <= 256:
+            raise ValueError(f"rank: {self.rank} is out of range; use 1..256 (4-16 is typical)")
+        if self.steps < 1:
+            raise ValueError(f"steps: {self.steps}; use at least 1")
+        if not self.lr > 0:
+            raise ValueError(f"lr: {self.lr}; the learning rate must be positive")
+        if self.budget < 0:
+            raise ValueError(f"budget: {self.budget}; the interference budget must be >= 0")
+        if self.context not in (None, "stacked", "base"):
+            raise ValueError(f"context: {self.context!r}; use 'stacked' or 'base'")
+        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
+            raise ValueError(f"precision: {self.precision!r}; use auto, bf16, fp16 or fp32")
+        return get_method(self.method)
+
+    def resume_key(self, bank_fp: str, earlier: list[str]) -> str:
+        """What a checkpoint must match to be resumed (everything but the step count)."""
+        d = dataclasses.asdict(self)
+        for k in ("steps", "checkpoint_path", "checkpoint_every"):
+            d.pop(k)
+        d["bank"] = bank_fp
+        d["earlier"] = earlier
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+@dataclass
+class StepInfo:
+    """Reported to ``on_step`` after every step."""
+
+    step: int  # steps done
+    total: int
+    loss: float
+    interference: float  # relative interference on earlier concepts (sum over layers), if constrained
+    lam: float  # mean dual variable
+
+
+@dataclass
+class TrainCallbacks:
+    on_step: Callable[[StepInfo], None] | None = None
+    should_stop: Callable[[], bool] | None = None
+    on_phase: Callable[[str], None] | None = None  # "prior stats", "concept stats", "train", "final stats"
+
+
+# ---------------------------------------------------------------------------------------------------
+# small batched optimiser state
+
+
+class Adam:
+    """Adam moments for one (stacked) tensor; ``direction`` returns the bias-corrected update direction."""
+
+    def __init__(self, like: torch.Tensor, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8):
+        self.m = torch.zeros_like(like)
+        self.v = torch.zeros_like(like)
+        self.t = 0
+        self.b1, self.b2, self.eps = b1, b2, eps
+
+    def direction(self, g: torch.Tensor) -> torch.Tensor:
+        self.t += 1
+        self.m.mul_(self.b1).add_(g, alpha=1 - self.b1)
+        self.v.mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
+        mh = self.m / (1 - self.b1**self.t)
+        vh = self.v / (1 - self.b2**self.t)
+        return mh / (vh.sqrt() + self.eps)
+
+
+@dataclass
+class Group:
+    """Layers of identical shape trained together as stacked tensors (one kernel launch per op)."""
+
+    specs: list[LayerSpec]
+    A: torch.Tensor  # G x r x n  (requires grad unless frozen)
+    B: torch.Tensor  # G x m x r
+    q: torch.Tensor | None  # G x n x K: earlier bases to stay orthogonal to (hard layers; zero-padded)
+    f_old: torch.Tensor | None  # G x n x p: factor of the earlier concepts' + prior moments
+    f_self: torch.Tensor | None  # G x n x k: factor of this concept's own moment
+    soft: list[bool]
+    lam: torch.Tensor  # G
+    opt_a: Adam | None = None
+    opt_b: Adam | None = None
+    last_rel: torch.Tensor | None = None  # G, detached R_old / R_self
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return contextlib.nullcontext()
+    if precision == "auto":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    else:
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _pad_cols(mats: list[torch.Tensor | None], n: int) -> torch.Tensor | None:
+    """Stack n x k_i matrices into G x n x max(k), zero-padding (zero columns change no product)."""
+    width = max((m.shape[1] for m in mats if m is not None), default=0)
+    if width == 0:
+        return None
+    out = torch.zeros(len(mats), n, width)
+    for i, m in enumerate(mats):
+        if m is not None:
+            out[i, :, : m.shape[1]] = m
+    return out
+
+
+def _factor_of(moment: torch.Tensor, k: int) -> torch.Tensor:
+    """F (n x k') with F F^T ~ moment (top eigenpairs)."""
+    return sketch_moment(moment, k_max=k, energy=0.9999).factor
+
+
+def _earlier_moment(bank: ConceptBank, layer: str, n: int) -> torch.Tensor:
+    """S_<t: the prior's moment plus every earlier concept's (from their sketches)."""
+    total = torch.zeros(n, n, dtype=torch.float64)
+    sk = bank.prior.get(layer)
+    if sk is not None:
+        total += sk.dense().double()
+    for c in bank.concepts:
+        cl = c.layers[layer]
+        if cl.sketch is not None:
+            total += cl.sketch.dense().double()
+    return total
+
+
+def _resolve_layers(model: nn.Module, bank: ConceptBank | None, cfg: TrainConfig) -> ConceptBank:
+    if bank is None:
+        return ConceptBank(find_targets(model, cfg.targets), cfg.layer_naming, cfg.architecture)
+    bank.check_model(model)
+    if cfg.name in bank.names():
+        raise DuplicateConceptError(
+            f"concept name {cfg.name!r} is already in the bank; choose another name or drop the old concept"
+        )
+    return bank
+
+
+def _run_stats(
+    model: nn.Module, specs: list[LayerSpec], loss_fn: LossFn, batch_fn: BatchFn, n: int, precision: str
+) -> dict[str, torch.Tensor]:
+    device = _device_of(model)
+
+    def run(i: int) -> None:
+        with _autocast(device, precision):
+            loss_fn(model, batch_fn(i))
+
+    return record_moments(model, specs, run, n)
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+class _Run:
+    """State of one concept's training (built once, stepped, checkpointed)."""
+
+    def __init__(self, model, loss_fn, batches, cfg: TrainConfig, method: Method, bank: ConceptBank, cb):
+        self.model, self.loss_fn, self.batches, self.cfg, self.method, self.bank = (
+            model, loss_fn, batches, cfg, method, bank,
+        )
+        self.cb = cb
+        self.device = _device_of(model)
+        self.groups: list[Group] = []
+        self.step = 0
+        self.losses: list[float] = []
+        self.timings = {"upper_s": 0.0, "lower_s": 0.0, "forward_backward_s": 0.0}
+
+    # ---- setup -------------------------------------------------------------------------------
+    def build_groups(self, pre: dict[str, torch.Tensor]) -> None:
+        cfg, method, bank = self.cfg, self.method, self.bank
+        r = cfg.rank
+        by_shape: dict[tuple, list[LayerSpec]] = {}
+        for spec in bank.layers:
+            by_shape.setdefault((spec.out_features, spec.in_features), []).append(spec)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        slot = sum(1 for c in bank.concepts if c.method == "ortho_frozen")
+        for (m, n), specs in by_shape.items():
+            a_list, q_list, fo_list, fs_list, soft = [], [], [], [], []
+            for spec in specs:
+                name = spec.name
+                s_self = pre[name]
+                q, is_soft = None, False
+                f_old = None
+                if method.constrained:
+                    earlier = [c.layers[name].A.float() for c in bank.concepts if not c.layers[name].soft]
+                    q = bs.span_basis(earlier, n)
+                    free = n - cfg.reserve - q.shape[1]
+                    s_old = _earlier_moment(bank, name, n)
+                    if free < r:
+                        is_soft = True
+                        # full layer: no hard projection; steer the basis away from earlier bases too
+                        all_earlier = bs.span_basis([c.layers[name].A.float() for c in bank.concepts], n)
+                        level = float(torch.trace(s_old)) / n or 1.0
+                        s_old = s_old + level * (all_earlier.double() @ all_earlier.double().T)
+                        q = None
+                    a = bs.generalized_eigen_basis(s_self, s_old, r, q)
+                    f_old = _factor_of(s_old, cfg.penalty_rank) if float(torch.trace(s_old)) > 0 else None
+                elif method.basis == "frozen_slot":
+                    a, is_soft = bs.frozen_slot(n, r, slot, int(bank.meta.get("ortho_seed", 0)))
+                else:
+                    a = bs.kaiming_rows(n, r, gen)
+                a_list.append(a)
+                q_list.append(q)
+                fo_list.append(f_old)
+                fs_list.append(_factor_of(s_self, cfg.sketch_rank) if method.constrained else None)
+                soft.append(is_soft)
+            dev = self.device
+            a_t = torch.stack(a_list).to(dev)
+            b_t = torch.zeros(len(specs), m, r, device=dev)
+            q_t = _pad_cols(q_list, n)
+            fo_t = _pad_cols(fo_list, n)
+            fs_t = _pad_cols(fs_list, n)
+            g = Group(
+                specs, a_t, b_t,
+                q_t.to(dev) if q_t is not None else None,
+                fo_t.to(dev) if fo_t is not None else None,
+                fs_t.to(dev) if fs_t is not None else None,
+                soft, torch.zeros(len(specs), device=dev),
+            )
+            g.B.requires_grad_(True)
+            if method.basis != "frozen_slot":
+                g.A.requires_grad_(True)
+                g.opt_a = Adam(g.A)
+            g.opt_b = Adam(g.B)
+            self.groups.append(g)
+
+    def attach(self, adapters: dict[str, AdapterLayer]) -> None:
+        for g in self.groups:
+            for i, spec in enumerate(g.specs):
+                adapters[spec.name].train_view = (g.A, g.B, i)
+
+    # ---- one step ----------------------------------------------------------------------------
+    def penalty_terms(self, g: Group, detach_b: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(R_old, R_self) per layer of the group (G each)."""
+        b = g.B.detach() if detach_b else g.B
+        r_old = (b @ (g.A @ g.f_old)).pow(2).sum((1, 2)) if g.f_old is not None else torch.zeros_like(g.lam)
+        r_self = (b @ (g.A @ g.f_self)).pow(2).sum((1, 2))
+        return r_old, r_self
+
+    def do_step(self) -> float:
+        cfg, method = self.cfg, self.method
+        t0 = time.perf_counter()
+        for g in self.groups:
+            g.B.grad = None
+            if g.A.requires_grad:
+                g.A.grad = None
+        with _autocast(self.device, cfg.precision):
+            loss = self.loss_fn(self.model, self.batches(self.step))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"loss is {float(loss)} at step {self.step}; lower the learning rate (now {cfg.lr})"
+            )
+        loss.backward()
+        t1 = time.perf_counter()
+        # upper level: the basis
+        if method.constrained:
+            for g in self.groups:
+                r_old, r_self = self.penalty_terms(g, detach_b=not method.penalty_on_up)
+                denom = r_self.detach() + 1e-30
+                pen = (g.lam * r_old / denom).sum()
+                g.last_rel = (r_old.detach() / denom)
+                if pen.requires_grad and float(g.lam.max()) > 0:
+                    wrt = [g.A, g.B] if method.penalty_on_up else [g.A]
+                    grads = torch.autograd.grad(pen, wrt)
+                    g.A.grad = g.A.grad + grads[0] if g.A.grad is not None else grads[0]
+                    if method.penalty_on_up:
+                        g.B.grad = g.B.grad + grads[1]
+        with torch.no_grad():
+            for g in self.groups:
+                if method.basis == "learned":
+                    self._riemannian_step(g)
+                elif g.opt_a is not None and g.A.grad is not None:
+                    g.A.sub_(cfg.lr * g.opt_a.direction(g.A.grad))
+            t2 = time.perf_counter()
+            # lower level: the up factor
+            for g in self.groups:
+                if g.B.grad is None:
+                    continue
+                if cfg.weight_decay:
+                    g.B.mul_(1 - cfg.lr * cfg.weight_decay)
+                g.B.sub_(cfg.lr * g.opt_b.direction(g.B.grad))
+            # dual ascent on the interference budget
+            if method.constrained and (self.step + 1) % cfg.dual_every == 0:
+                for g in self.groups:
+                    if g.last_rel is not None:
+                        # the constraint R_rel <= eps, scaled as R_rel / eps - 1 <= 0 so that eta_lambda
+                        # means the same for every budget
+                        violation = g.last_rel / max(cfg.budget, 1e-12) - 1.0
+                        g.lam.add_(cfg.dual_lr * violation.clamp(max=10.0)).clamp_(min=0)
+        t3 = time.perf_counter()
+        self.timings["forward_backward_s"] += t1 - t0
+        self.timings["upper_s"] += t2 - t1
+        self.timings["lower_s"] += t3 - t2
+        self.step += 1
+        value = float(loss.detach())
+        self.losses.append(value)
+        return value
+
+    def _riemannian_step(self, g: Group) -> None:
+        """G -> G P -> Stiefel tangent -> Adam direction -> step -> project on P -> QR retraction."""
+        if g.A.grad is None:
+            return
+        grad = bs.stiefel_tangent(bs.project_out(g.A.grad, g.q), g.A)
+        d = g.opt_a.direction(grad)
+        d = bs.stiefel_tangent(bs.project_out(d, g.q), g.A)
+        new = bs.retract(g.A - self.cfg.rho * self.cfg.lr * d, g.q)
+        g.A.copy_(new)
+
+    def interference_now(self) -> tuple[float, float]:
+        """(sum_l R_old / sum_l R_self, mean lambda) of the current adapter."""
+        if not self.method.constrained:
+            return 0.0, 0.0
+        with torch.no_grad():
+            num = den = 0.0
+            lam = []
+            for g in self.groups:
+                r_old, r_self = self.penalty_terms(g, True)
+                num += float(r_old.sum())
+                den += float(r_self.sum())
+                lam.append(g.lam)
+            return (num / den if den > 0 else 0.0), float(torch.cat(lam).mean())
+
+    # ---- checkpoint ----------------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for gi, g in enumerate(self.groups):
+            out[f"g{gi}.A"] = g.A.detach().cpu().contiguous()
+            out[f"g{gi}.B"] = g.B.detach().cpu().contiguous()
+            out[f"g{gi}.lam"] = g.lam.cpu().contiguous()
+            for tag, opt in (("a", g.opt_a), ("b", g.opt_b)):
+                if opt is not None:
+                    out[f"g{gi}.{tag}.m"] = opt.m.cpu().contiguous()
+                    out[f"g{gi}.{tag}.v"] = opt.v.cpu().contiguous()
+        out["losses"] = torch.tensor(self.losses, dtype=torch.float64)
+        return out
+
+    def save_checkpoint(self, key: str) -> None:
+        path = self.cfg.checkpoint_path
+        if not path:
+            return
+        meta = {"format": "seqlora-checkpoint", "key": key, "step": str(self.step),
+                "timings": json.dumps(self.timings)}
+        atomic_write_bytes(Path(path), save(self.state_tensors(), metadata=meta))
+
+    def try_resume(self, key: str) -> bool:
+        path = self.cfg.checkpoint_path
+        if not path or not Path(path).is_file():
+            return False
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, "pt") as f:
+                meta = f.metadata() or {}
+            t = load_file(path)
+        except Exception as e:  # a damaged checkpoint only costs the progress it held
+            log.warning("checkpoint %s is unreadable (%s); starting the concept from step 0", path, e)
+            return False
+        if meta.get("format") != "seqlora-checkpoint" or meta.get("key") != key:
+            log.warning("checkpoint %s belongs to other settings; starting the concept from step 0", path)
+            return False
+        with torch.no_grad():
+            for gi, g in enumerate(self.groups):
+                g.A.copy_(t[f"g{gi}.A"])
+                g.B.copy_(t[f"g{gi}.B"])
+                g.lam.copy_(t[f"g{gi}.lam"])
+                for tag, opt in (("a", g.opt_a), ("b", g.opt_b)):
+                    if opt is not None:
+                        opt.m.copy_(t[f"g{gi}.{tag}.m"])
+                        opt.v.copy_(t[f"g{gi}.{tag}.v"])
+                        opt.t = int(meta["step"])
+        self.step = int(meta["step"])
+        self.losses = t["losses"].tolist()
+        self.timings.update(json.loads(meta.get("timings", "{}")))
+        log.info("resumed %s at step %d from %s", self.cfg.name, self.step, path)
+        return True
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def train_concept(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: BatchFn,
+    config: TrainConfig,
+    bank: ConceptBank | None = None,
+    prior_batches: BatchFn | None = None,
+    callbacks: TrainCallbacks | None = None,
+) -> ConceptBank:
+    """Learn one concept and return a new bank with it appended (``bank`` itself is not changed).
+
+    ``prior_batches`` (trigger-free prompts) feed the base model's statistics (concept 0) the first time;
+    without it the concept's own batches are used. The model is left exactly as it was found.
+    """
+    method = config.validate()
+    cb = callbacks or TrainCallbacks()
+    bank = _resolve_layers(model, bank, config)
+    specs = bank.layers
+    context = config.context or method.context
+    earlier_names = bank.names()
+    key = config.resume_key(bank.fingerprint, earlier_names)
+    timings: dict[str, float] = {}
+    t_start = time.perf_counter()
+
+    grad_flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.requires_grad_(False)
+    gc_on = bool(config.gradient_checkpointing and hasattr(model, "enable_gradient_checkpointing"))
+    if gc_on:
+        model.enable_gradient_checkpointing()
+    composition = None
+    adapters: dict[str, AdapterLayer] = {}
+    run: _Run | None = None
+    try:
+        if not bank.prior:
+            _phase(cb, "prior stats")
+            t = time.perf_counter()
+            moments = _run_stats(model, specs, loss_fn, prior_batches or batches, config.stats_batches,
+                                 config.precision)
+            bank = bank.with_prior(
+                {k: sketch_moment(v, config.sketch_rank, config.sketch_energy) for k, v in moments.items()}
+            )
+            timings["prior_stats_s"] = time.perf_counter() - t
+        if context == "stacked" and bank.concepts:
+            composition = compose(model, bank, None, "merged")
+        _phase(cb, "concept stats")
+        t = time.perf_counter()
+        pre = _run_stats(model, specs, loss_fn, batches, config.stats_batches, config.precision)
+        timings["concept_stats_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        run = _Run(model, loss_fn, batches, config, method, bank, cb)
+        run.build_groups({k: v.cpu() for k, v in pre.items()})
+        timings["basis_init_s"] = time.perf_counter() - t
+        adapters = inject(model, specs)
+        run.attach(adapters)
+        run.try_resume(key)
+        _phase(cb, "train")
+        t = time.perf_counter()
+        while run.step < config.steps:
+            if cb.should_stop is not None and cb.should_stop():
+                run.save_checkpoint(key)
+                raise TrainingCancelled(run.step, config.checkpoint_path)
+            loss = run.do_step()
+            if cb.on_step is not None:
+                rel, lam = run.interference_now() if method.constrained else (0.0, 0.0)
+                cb.on_step(StepInfo(run.step, config.steps, loss, rel, lam))
+            if config.checkpoint_path and run.step % config.checkpoint_every == 0 and run.step < config.steps:
+                run.save_checkpoint(key)
+        timings["train_s"] = time.perf_counter() - t
+        _phase(cb, "final stats")
+        t = time.perf_counter()
+        final = _run_stats(model, specs, loss_fn, batches, config.stats_batches, config.precision)
+        timings["final_stats_s"] = time.perf_counter() - t
+        concept = _make_concept(run, final, config, method)
+    except BaseException as e:
+        if run is not None and run.step > 0 and not isinstance(e, TrainingCancelled):
+            with contextlib.suppress(Exception):
+                run.save_checkpoint(key)
+        raise
+    finally:
+        remove(model, adapters)
+        if composition is not None:
+            composition.remove()
+        if gc_on and hasattr(model, "disable_gradient_checkpointing"):
+            model.disable_gradient_checkpointing()
+        for n, p in model.named_parameters():
+            p.requires_grad_(grad_flags.get(n, p.requires_grad))
+    timings.update({k: v for k, v in run.timings.items()})
+    timings["total_s"] = time.perf_counter() - t_start
+    timings["steps"] = float(config.steps)
+    concept.timings = timings
+    new_bank = bank.with_concept(concept)
+    if config.checkpoint_path:
+        Path(config.checkpoint_path).unlink(missing_ok=True)
+    return new_bank
+
+
+def _phase(cb: TrainCallbacks, name: str) -> None:
+    log.debug("phase: %s", name)
+    if cb.on_phase is not None:
+        cb.on_phase(name)
+
+
+def _make_concept(run: _Run, final: dict[str, torch.Tensor], cfg: TrainConfig, method: Method) -> Concept:
+    layers: dict[str, ConceptLayer] = {}
+    for g in run.groups:
+        for i, spec in enumerate(g.specs):
+            moment = final[spec.name].cpu()
+            layers[spec.name] = ConceptLayer(
+                g.A[i].detach().cpu().clone(),
+                g.B[i].detach().cpu().clone(),
+                sketch_moment(moment, cfg.sketch_rank, cfg.sketch_energy),
+                g.soft[i],
+                moment.float() if method.keep_moment else None,
+            )
+    soft_layers = [s.name for g in run.groups for s, soft in zip(g.specs, g.soft, strict=True) if soft]
+    if soft_layers:
+        log.warning(
+            "concept %r: %d layers were full, orthogonality there is a penalty only (e.g. %s)",
+            cfg.name, len(soft_layers), soft_layers[0],
+        )
+    rel, lam = run.interference_now()
+    info = {
+        "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("checkpoint_path",)},
+        "soft_layers": soft_layers,
+        "final_relative_interference": rel if math.isfinite(rel) else None,
+        "final_lambda_mean": lam,
+    }
+    return Concept(cfg.name, list(cfg.triggers), cfg.rank, cfg.method, layers, "trained",
+                   [float(x) for x in run.losses], {}, info)
+
+
+def cycle(items: Iterable[Any]) -> BatchFn:
+    """A batch function over a fixed list: step -> items[step % len(items)]."""
+    items = list(items)
+    if not items:
+        raise ValueError("no batches given")
+    return lambda step: items[step % len(items)]
