@@ -748,8 +748,9 @@ class UIGraph:
                 if is_widget and not opts.get("forceInput"):
                     continue
                 inputs.append({"name": name, "type": "COMBO" if isinstance(typ, list) else typ, "link": None})
+        names = spec.get("output_name", spec["output"])
         outputs = [{"name": n, "type": t, "links": [], "slot_index": i}
-                   for i, (n, t) in enumerate(zip(spec.get("output_name", spec["output"]), spec["output"], strict=True))]
+                   for i, (n, t) in enumerate(zip(names, spec["output"], strict=True))]
         node: dict[str, Any] = {
             "id": nid, "type": ntype, "pos": list(pos), "size": list(size), "flags": {}, "order": nid - 1,
             "mode": 0, "inputs": inputs, "outputs": outputs,
