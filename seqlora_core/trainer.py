@@ -248,6 +248,7 @@ class _Run:
         self.step = 0
         self.losses: list[float] = []
         self.timings = {"upper_s": 0.0, "lower_s": 0.0, "forward_backward_s": 0.0}
+        self.last_interference: tuple | None = None
 
     # ---- setup -------------------------------------------------------------------------------
     def build_groups(self, pre: dict[str, torch.Tensor]) -> None:
@@ -338,17 +339,22 @@ class _Run:
         t1 = time.perf_counter()
         # upper level: the basis
         if method.constrained:
+            num = den = 0.0
+            lam_may_be_positive = self.step >= cfg.dual_every
             for g in self.groups:
                 r_old, r_self = self.penalty_terms(g, detach_b=not method.penalty_on_up)
                 denom = r_self.detach() + 1e-30
-                pen = (g.lam * r_old / denom).sum()
-                g.last_rel = (r_old.detach() / denom)
-                if pen.requires_grad and float(g.lam.max()) > 0:
+                g.last_rel = r_old.detach() / denom
+                num = num + r_old.detach().sum()
+                den = den + r_self.detach().sum()
+                if lam_may_be_positive and g.f_old is not None:
+                    pen = (g.lam * r_old / denom).sum()
                     wrt = [g.A, g.B] if method.penalty_on_up else [g.A]
                     grads = torch.autograd.grad(pen, wrt)
                     g.A.grad = g.A.grad + grads[0] if g.A.grad is not None else grads[0]
                     if method.penalty_on_up:
                         g.B.grad = g.B.grad + grads[1]
+            self.last_interference = (num, den)
         with torch.no_grad():
             for g in self.groups:
                 if method.basis == "learned":
@@ -390,19 +396,21 @@ class _Run:
         new = bs.retract(g.A - self.cfg.rho * self.cfg.lr * d, g.q)
         g.A.copy_(new)
 
-    def interference_now(self) -> tuple[float, float]:
-        """(sum_l R_old / sum_l R_self, mean lambda) of the current adapter."""
+    def interference_now(self, fresh: bool = False) -> tuple[float, float]:
+        """(sum_l R_old / sum_l R_self, mean lambda); from the last step unless ``fresh``."""
         if not self.method.constrained:
             return 0.0, 0.0
+        lam = float(torch.cat([g.lam for g in self.groups]).mean())
+        if self.last_interference is not None and not fresh:
+            num, den = (float(x) for x in self.last_interference)
+            return (num / den if den > 0 else 0.0), lam
         with torch.no_grad():
             num = den = 0.0
-            lam = []
             for g in self.groups:
                 r_old, r_self = self.penalty_terms(g, True)
                 num += float(r_old.sum())
                 den += float(r_self.sum())
-                lam.append(g.lam)
-            return (num / den if den > 0 else 0.0), float(torch.cat(lam).mean())
+        return (num / den if den > 0 else 0.0), lam
 
     # ---- checkpoint ----------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -582,7 +590,7 @@ def _make_concept(run: _Run, final: dict[str, torch.Tensor], cfg: TrainConfig, m
             "concept %r: %d layers were full, orthogonality there is a penalty only (e.g. %s)",
             cfg.name, len(soft_layers), soft_layers[0],
         )
-    rel, lam = run.interference_now()
+    rel, lam = run.interference_now(fresh=True)
     info = {
         "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("checkpoint_path",)},
         "soft_layers": soft_layers,
