@@ -59,11 +59,10 @@ def generalized_eigen_basis(
     if delta <= 0:
         delta = delta_scale * max(float(torch.trace(s_new)) / n, 1e-12)
     if q_prev is not None and q_prev.shape[1] > 0:
-        # Z: orthonormal basis of the complement of span(Q)
-        q = q_prev.double()
-        proj = torch.eye(n, dtype=torch.float64) - q @ q.T
-        evals, evecs = torch.linalg.eigh(proj)
-        z = evecs[:, evals > 0.5]
+        # Z: orthonormal basis of the complement of span(Q) (the trailing columns of a complete QR)
+        k = q_prev.shape[1]
+        full, _ = torch.linalg.qr(q_prev.double(), mode="complete")
+        z = full[:, k:]
     else:
         z = torch.eye(n, dtype=torch.float64)
     if z.shape[1] < r:
