@@ -1,0 +1,213 @@
+"""A concept's training images and captions, read from a folder.
+
+Folder layout: images (png, jpg, jpeg, webp, bmp) with optional same-name `.txt` captions, directly
+in the folder and/or in kohya-style `N_name` subfolders whose images count N times (repeats). The
+`name` part of a kohya folder is ignored: the trigger is given explicitly. A folder that is itself
+named `N_name` gives its direct images N repeats. Other subfolders and hidden files are ignored.
+
+Resize rule (`resolution` must be a multiple of 8; SD1.x/SDXL need a multiple of 64):
+- `"center_crop"` (default): scale so the shortest side equals `resolution` (Lanczos), then crop
+  the centre to `resolution` x `resolution`.
+- `"bucket"`: keep the aspect ratio (clamped to 1:4..4:1). The bucket is w = floor(R * sqrt(a)),
+  h = floor(R / sqrt(a)), each rounded down to a multiple of 64 (of 8 when R < 256), so
+  w * h <= R^2; the image is scaled to cover the bucket and centre-cropped to it.
+
+Pixels are stored as uint8 and returned as float tensors (3, H, W) in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+RESIZE_MODES = ("center_crop", "bucket")
+_KOHYA = re.compile(r"^(\d+)_(.+)$")
+
+
+def accepted_types() -> str:
+    """Human-readable list of accepted image extensions."""
+    return ", ".join(IMAGE_EXTS)
+
+
+def _trigger_pattern(trigger: str) -> re.Pattern[str]:
+    words = [re.escape(w) for w in trigger.split()]
+    return re.compile(r"(?<!\w)" + r"\s+".join(words) + r"(?!\w)", re.IGNORECASE)
+
+
+def _tidy(text: str) -> str:
+    text = " ".join(text.split())
+    text = re.sub(r"\s+([,.;:])", r"\1", text)
+    text = re.sub(r"([,;])(\s*[,;])+", r"\1", text)
+    return text.strip(" ,;")
+
+
+def make_caption(caption: str | None, trigger: str, template: str) -> str:
+    """The training caption: `template` if `caption` is empty, else `caption`; prepend the trigger.
+
+    Rule: a caption that does not contain the trigger (whole words, case-insensitive) becomes
+    `"{trigger}, {caption}"`.
+    """
+    text = _tidy(caption or "") or template.format(trigger=trigger)
+    if not _trigger_pattern(trigger).search(text):
+        text = f"{trigger}, {text}"
+    return text
+
+
+def make_prior_caption(caption: str, trigger: str, class_word: str | None = None) -> str:
+    """The caption without the trigger (every whole-word, case-insensitive occurrence removed, or
+    replaced by `class_word` when given), punctuation and spaces tidied. May be empty."""
+    return _tidy(_trigger_pattern(trigger).sub(class_word or "", caption))
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """EXIF-orient and convert any PIL mode to RGB; transparency is composited on white."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 255.0)
+        img = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def bucket_size(width: int, height: int, resolution: int) -> tuple[int, int]:
+    """The (w, h) bucket of an image for `resize="bucket"` (see the module docstring)."""
+    step = 64 if resolution >= 256 else 8
+    a = min(max(width / height, 0.25), 4.0)
+    bw = max(step, int(resolution * math.sqrt(a)) // step * step)
+    bh = max(step, int(resolution / math.sqrt(a)) // step * step)
+    return bw, bh
+
+
+def resize_image(img: Image.Image, resolution: int, resize: str) -> tuple[Image.Image, tuple[int, int]]:
+    """Apply the resize rule; returns the image and the crop's (top, left) in resized pixels."""
+    w, h = img.size
+    tw, th = (resolution, resolution) if resize == "center_crop" else bucket_size(w, h, resolution)
+    scale = max(tw / w, th / h)
+    nw, nh = max(tw, round(w * scale)), max(th, round(h * scale))
+    img = img.resize((nw, nh), Image.Resampling.LANCZOS)
+    left, top = (nw - tw) // 2, (nh - th) // 2
+    return img.crop((left, top, left + tw, top + th)), (top, left)
+
+
+@dataclass
+class ConceptDataset:
+    """One concept's images (uint8, 3 x H x W) with captions, trigger-free prior captions and repeats."""
+
+    trigger: str
+    resolution: int
+    resize: str
+    paths: list[Path] = field(default_factory=list)
+    pixels_u8: list[torch.Tensor] = field(default_factory=list)
+    captions: list[str] = field(default_factory=list)
+    prior_captions: list[str] = field(default_factory=list)
+    repeats: list[int] = field(default_factory=list)
+    original_sizes: list[tuple[int, int]] = field(default_factory=list)  # (h, w) before resizing
+    crops_top_left: list[tuple[int, int]] = field(default_factory=list)  # (top, left)
+    skipped: list[Path] = field(default_factory=list)
+
+    @classmethod
+    def from_folder(
+        cls,
+        path: str | Path,
+        trigger: str,
+        caption_template: str = "a photo of {trigger}",
+        resolution: int = 512,
+        resize: str = "center_crop",
+        class_word: str | None = None,
+    ) -> ConceptDataset:
+        """Read a concept folder (layout, caption and resize rules: see the module docstring).
+
+        Captions: the `.txt` next to an image, else `caption_template`; the trigger is prepended
+        when missing (`make_caption`). Prior captions drop the trigger (`make_prior_caption`).
+        Unreadable images are skipped with one warning listing them.
+        Raises FileNotFoundError for a missing folder, ValueError for a folder without usable images.
+        """
+        root = Path(path)
+        if not root.is_dir():
+            raise FileNotFoundError(f"concept folder not found: {root}")
+        if not trigger.strip():
+            raise ValueError("trigger must be a non-empty string")
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+        if resolution <= 0 or resolution % 8:
+            raise ValueError(f"resolution must be a positive multiple of 8, got {resolution}")
+        ds = cls(trigger=trigger.strip(), resolution=resolution, resize=resize)
+        for file, reps in _list_images(root):
+            try:
+                with Image.open(file) as im:
+                    im.load()
+                    rgb = to_rgb(im)
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+                ds.skipped.append(file)
+                continue
+            out, crop = resize_image(rgb, resolution, resize)
+            txt = file.with_suffix(".txt")
+            raw = txt.read_text(encoding="utf-8-sig", errors="replace") if txt.is_file() else None
+            caption = make_caption(raw, ds.trigger, caption_template)
+            ds.paths.append(file)
+            ds.pixels_u8.append(torch.from_numpy(np.array(out, dtype=np.uint8)).permute(2, 0, 1).contiguous())
+            ds.captions.append(caption)
+            ds.prior_captions.append(make_prior_caption(caption, ds.trigger, class_word))
+            ds.repeats.append(reps)
+            ds.original_sizes.append((rgb.height, rgb.width))
+            ds.crops_top_left.append(crop)
+        if ds.skipped:
+            names = ", ".join(str(p.relative_to(root)) for p in ds.skipped)
+            warnings.warn(f"skipped {len(ds.skipped)} unreadable image(s) in {root}: {names}", stacklevel=2)
+        if not ds.paths:
+            why = f"all {len(ds.skipped)} image file(s) are unreadable" if ds.skipped else "it has no images"
+            raise ValueError(
+                f"no usable training images in {root}: {why}. Accepted: {accepted_types()} "
+                "(optional same-name .txt captions; kohya 'N_name' subfolders repeat N times)."
+            )
+        return ds
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"pixels": self.pixels(i), "caption": self.captions[i], "prior_caption": self.prior_captions[i]}
+
+    def pixels(self, i: int) -> torch.Tensor:
+        """Image i as float32 (3, H, W) in [-1, 1]."""
+        return self.pixels_u8[i].float() / 127.5 - 1.0
+
+    def size(self, i: int) -> tuple[int, int]:
+        """(h, w) of image i after resizing."""
+        return tuple(self.pixels_u8[i].shape[1:])  # type: ignore[return-value]
+
+    def weighted_indices(self) -> list[int]:
+        """Every image index repeated `repeats` times (one epoch)."""
+        return [i for i, r in enumerate(self.repeats) for _ in range(r)]
+
+
+def _list_images(root: Path) -> list[tuple[Path, int]]:
+    """(image file, repeats) in sorted order: the folder's own images, then kohya `N_name` subfolders."""
+    own = _KOHYA.match(root.name)
+    found = [(f, int(own.group(1)) if own else 1) for f in _image_files(root)]
+    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        m = _KOHYA.match(sub.name)
+        if m and int(m.group(1)) > 0:
+            found += [(f, int(m.group(1))) for f in _image_files(sub)]
+    return found
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(
+        p for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTS
+    )
