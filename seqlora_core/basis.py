@@ -42,7 +42,7 @@ def retract(a: torch.Tensor, q: torch.Tensor | None) -> torch.Tensor:
 
 
 def generalized_eigen_basis(
-    s_new: torch.Tensor,
+    f_new: torch.Tensor,
     s_old: torch.Tensor,
     r: int,
     q_prev: torch.Tensor | None = None,
@@ -50,32 +50,36 @@ def generalized_eigen_basis(
 ) -> torch.Tensor:
     """Top-r directions maximising a^T S_new a / a^T (S_old + delta I) a within the complement of Q.
 
-    ``delta = delta_scale * tr(S_old) / n``. Returns A (r x n) with orthonormal rows, orthogonal to Q.
+    ``S_new = F F^T`` is given by its sketch factor F (n x k); ``delta = delta_scale * tr(S_old) / n``.
+    With L L^T = S_old + delta I (in complement coordinates) the pencil's top eigenvectors are
+    L^-T u, u the top left singular vectors of L^-1 F: one Cholesky, no n x n eigendecomposition.
+    Returns A (r x n) with orthonormal rows, orthogonal to Q.
     """
-    n = s_new.shape[0]
-    s_new = s_new.double()
+    n = s_old.shape[0]
+    f = f_new.double()
     s_old = s_old.double()
     delta = delta_scale * float(torch.trace(s_old)) / n
     if delta <= 0:
-        delta = delta_scale * max(float(torch.trace(s_new)) / n, 1e-12)
+        delta = delta_scale * max(float(f.pow(2).sum()) / n, 1e-12)
+    z = None
     if q_prev is not None and q_prev.shape[1] > 0:
         # Z: orthonormal basis of the complement of span(Q) (the trailing columns of a complete QR)
         k = q_prev.shape[1]
         full, _ = torch.linalg.qr(q_prev.double(), mode="complete")
         z = full[:, k:]
-    else:
-        z = torch.eye(n, dtype=torch.float64)
-    if z.shape[1] < r:
-        raise ValueError(f"only {z.shape[1]} free directions left, rank {r} needs {r}")
-    a_new = z.T @ s_new @ z
-    a_old = z.T @ s_old @ z + delta * torch.eye(z.shape[1], dtype=torch.float64)
-    chol = torch.linalg.cholesky((a_old + a_old.T) / 2)
-    inv = torch.linalg.solve_triangular(chol, torch.eye(z.shape[1], dtype=torch.float64), upper=False)
-    m = inv @ a_new @ inv.T
-    evals, evecs = torch.linalg.eigh((m + m.T) / 2)
-    top = evecs[:, -r:].flip(1)  # descending
-    dirs = inv.T @ top  # generalised eigenvectors in z-coordinates
-    a = (z @ dirs).T
+        if z.shape[1] < r:
+            raise ValueError(f"only {z.shape[1]} free directions left, rank {r} needs {r}")
+        f = z.T @ f
+        s_old = z.T @ s_old @ z
+    eye = torch.eye(s_old.shape[0], dtype=torch.float64, device=s_old.device)
+    chol = torch.linalg.cholesky((s_old + s_old.T) / 2 + delta * eye)
+    g = torch.linalg.solve_triangular(chol, f, upper=False)
+    u = torch.linalg.svd(g, full_matrices=False)[0]
+    if u.shape[1] < r:  # the concept spans fewer than r directions: complete with seeded ones
+        extra = torch.randn(u.shape[0], r - u.shape[1], generator=torch.Generator().manual_seed(r), dtype=u.dtype)
+        u = torch.linalg.qr(torch.cat([u, extra.to(u.device)], 1))[0]
+    dirs = torch.linalg.solve_triangular(chol.T, u[:, :r], upper=True)
+    a = (dirs if z is None else z @ dirs).T
     return retract(a.float(), q_prev)
 
 

@@ -42,19 +42,38 @@ def layer_rows(x: torch.Tensor, spec: LayerSpec, module: nn.Module) -> torch.Ten
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
+def top_eigenpairs(moment: torch.Tensor, k: int, power_iters: int = 3, oversample: int = 16):
+    """The k largest eigenpairs (descending) of a symmetric PSD matrix.
+
+    Small matrices get an exact eigendecomposition; larger ones a seeded randomised range finder with
+    power iterations, O(n^2 k) instead of O(n^3): the top few eigenpairs are all a sketch keeps.
+    """
+    m = (moment + moment.T) / 2
+    n = m.shape[0]
+    k = min(k, n)
+    if n <= 4 * (k + oversample):
+        evals, evecs = torch.linalg.eigh(m)
+        return evals.flip(0)[:k], evecs.flip(1)[:, :k]
+    g = torch.Generator().manual_seed(n)
+    y = m @ torch.randn(n, k + oversample, generator=g, dtype=m.dtype).to(m.device)
+    for _ in range(power_iters):
+        y = m @ torch.linalg.qr(y)[0]
+    q = torch.linalg.qr(y)[0]
+    evals, evecs = torch.linalg.eigh(q.T @ m @ q)
+    return evals.flip(0)[:k], (q @ evecs.flip(1))[:, :k]
+
+
 def sketch_moment(moment: torch.Tensor, k_max: int = 32, energy: float = 0.99) -> Sketch:
     """Reduce an n x n PSD moment to the fewest top eigenpairs covering ``energy`` of its trace (<= k_max)."""
     m = moment.double()
-    m = (m + m.T) / 2
-    evals, evecs = torch.linalg.eigh(m)
-    evals = evals.flip(0).clamp_min(0)
-    evecs = evecs.flip(1)
-    trace = float(evals.sum())
+    trace = float(torch.diagonal(m).sum())
+    evals, evecs = top_eigenpairs(m, k_max)
+    evals = evals.clamp_min(0)
     if trace <= 0:
-        return Sketch(evecs[:, :1].float(), torch.zeros(1), 0.0)
+        return Sketch(evecs[:, :1].float().contiguous(), torch.zeros(1), 0.0)
     cover = torch.cumsum(evals, 0) / trace
     k = int(torch.searchsorted(cover, torch.tensor(energy, dtype=cover.dtype)).item()) + 1
-    k = max(1, min(k, k_max, evals.numel()))
+    k = max(1, min(k, evals.numel()))
     return Sketch(evecs[:, :k].float().contiguous(), evals[:k].float().contiguous(), trace)
 
 
@@ -73,9 +92,9 @@ class MomentRecorder:
             rows = layer_rows(args[0].detach(), spec, module).float()
             acc = rows.T @ rows
             if name in self.sums:
-                self.sums[name] += acc.double()
+                self.sums[name] += acc
             else:
-                self.sums[name] = acc.double()
+                self.sums[name] = acc
             self.counts[name] = self.counts.get(name, 0) + rows.shape[0]
 
         return hook
@@ -92,7 +111,7 @@ class MomentRecorder:
         self._handles.clear()
 
     def moments(self) -> dict[str, torch.Tensor]:
-        """E[x x^T] per layer (float64, on the layer's device)."""
+        """E[x x^T] per layer (float32, on the layer's device)."""
         missing = [n for n in self.specs if n not in self.sums]
         if missing:
             raise RuntimeError(

@@ -263,7 +263,7 @@ class _Run:
             a_list, q_list, fo_list, fs_list, soft = [], [], [], [], []
             for spec in specs:
                 name = spec.name
-                s_self = pre[name]
+                f_self = sketch_moment(pre[name], max(cfg.sketch_rank, r), 1.0).factor if method.constrained else None
                 q, is_soft = None, False
                 f_old = None
                 if method.constrained:
@@ -278,7 +278,7 @@ class _Run:
                         level = float(torch.trace(s_old)) / n or 1.0
                         s_old = s_old + level * (all_earlier.double() @ all_earlier.double().T)
                         q = None
-                    a = bs.generalized_eigen_basis(s_self, s_old, r, q)
+                    a = bs.generalized_eigen_basis(f_self, s_old, r, q)
                     f_old = _factor_of(s_old, cfg.penalty_rank) if float(torch.trace(s_old)) > 0 else None
                 elif method.basis == "frozen_slot":
                     a, is_soft = bs.frozen_slot(n, r, slot, int(bank.meta.get("ortho_seed", 0)))
@@ -287,7 +287,7 @@ class _Run:
                 a_list.append(a)
                 q_list.append(q)
                 fo_list.append(f_old)
-                fs_list.append(_factor_of(s_self, cfg.sketch_rank) if method.constrained else None)
+                fs_list.append(f_self)
                 soft.append(is_soft)
             dev = self.device
             a_t = torch.stack(a_list).to(dev)
