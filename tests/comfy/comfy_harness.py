@@ -671,9 +671,25 @@ def validate_ui_workflow(workflow: Mapping[str, Any], object_info: Mapping[str, 
             continue
         widgets = _widget_inputs(spec)
         expected = sum(1 + _has_control_after_generate(n, t, o) + bool(o.get("image_upload")) for n, t, o in widgets)
-        got = len(node.get("widgets_values") or [])
-        if got != expected:
-            problems.append(f"node {node['id']} ({ntype}): {got} widget values, expected {expected}")
+        values = list(node.get("widgets_values") or [])
+        if len(values) != expected:
+            problems.append(f"node {node['id']} ({ntype}): {len(values)} widget values, expected {expected}")
+        else:
+            pos = 0
+            for name, typ, opts in widgets:
+                value = values[pos]
+                pos += 1 + _has_control_after_generate(name, typ, opts) + bool(opts.get("image_upload"))
+                linked = any(i.get("name") == name and i.get("link") is not None for i in node.get("inputs") or [])
+                if linked:
+                    continue
+                if isinstance(typ, list) and value not in typ:
+                    problems.append(f"node {node['id']} ({ntype}): {name}={value!r} is not one of {typ[:8]}")
+                elif typ in ("INT", "FLOAT") and not isinstance(value, bool) and isinstance(value, (int, float)):
+                    lo, hi = opts.get("min"), opts.get("max")
+                    if (lo is not None and value < lo) or (hi is not None and value > hi):
+                        problems.append(f"node {node['id']} ({ntype}): {name}={value} outside [{lo}, {hi}]")
+                elif typ in ("INT", "FLOAT") and not isinstance(value, (int, float)):
+                    problems.append(f"node {node['id']} ({ntype}): {name}={value!r} is not a number")
         all_inputs = {**(spec["input"].get("required") or {}), **(spec["input"].get("optional") or {})}
         for inp in node.get("inputs", []) or []:
             if inp["name"] not in all_inputs:
