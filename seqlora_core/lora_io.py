@@ -1,0 +1,128 @@
+"""Bank <-> ordinary LoRA files: export one concept (kohya or PEFT), import a foreign LoRA as a frozen concept."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import export as ex
+from . import naming as nm
+from .bank import Concept, ConceptBank, ConceptLayer
+
+ARCH_TO_BASE_VERSION = {"sd15": "sd_v1", "sd1": "sd_v1", "sd2": "sd_v2", "sd2-v": "sd_v2_v", "sdxl": "sdxl_base_v1-0"}
+
+
+def _export_names(bank: ConceptBank, structure: Any = None) -> dict[str, str]:
+    """Bank layer name -> name to write: diffusers names for UNets (what every loader reads)."""
+    names = [s.name for s in bank.layers]
+    if bank.layer_naming == "ldm":
+        l2d = nm.ldm_to_diffusers_map(structure or nm.guess_structure(names))
+        missing = [n for n in names if n not in l2d]
+        if missing:
+            raise ValueError(f"no diffusers name for bank layer {missing[0]!r}; export with the bank's own names")
+        return {n: l2d[n] for n in names}
+    return {n: n for n in names}
+
+
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def concept_factors(bank: ConceptBank, name: str, strength: float = 1.0) -> Factors:
+    """Layer name -> (down A, up s*B) of one concept, in the bank's naming."""
+    c = bank.concept(name)
+    return {layer: (cl.A.float(), cl.B.float() * strength) for layer, cl in c.layers.items()}
+
+
+def export_concept(
+    bank: ConceptBank,
+    name: str,
+    path: str | os.PathLike,
+    fmt: str = "kohya",
+    dtype: str = "fp16",
+    structure: Any = None,
+) -> Path:
+    """Write one concept as an ordinary LoRA file: kohya (`lora_unet_*`, alpha = r) or diffusers/PEFT.
+
+    Trigger words go in `ss_tag_frequency` and `modelspec.trigger_phrase`; SeqLoRA facts in `seqlora_*`.
+    Layers of UNet banks are written with diffusers names (ComfyUI, A1111, Forge and diffusers read them).
+    """
+    if fmt not in ("kohya", "peft"):
+        raise ValueError(f"format: {fmt!r}; use 'kohya' (ComfyUI, A1111, Forge) or 'peft' (diffusers)")
+    c = bank.concept(name)
+    rename = _export_names(bank, structure)
+    factors = {rename[k]: v for k, v in concept_factors(bank, name).items() if float(v[1].abs().max()) > 0}
+    kernels = {rename[s.name]: s.kernel for s in bank.layers if s.kind == "conv2d"}
+    extra = {
+        "seqlora_concept": c.name,
+        "seqlora_method": c.method,
+        "seqlora_rank": str(c.rank),
+        "seqlora_bank_fingerprint": bank.fingerprint,
+        "seqlora_concept_index": str(bank.index(name)),
+        "seqlora_architecture": bank.architecture,
+    }
+    base_version = ARCH_TO_BASE_VERSION.get(bank.architecture, "sd_v1")
+    save = ex.save_kohya if fmt == "kohya" else ex.save_peft
+    return save(path, factors, kernels, c.triggers, c.name, base_version, extra, dtype=dtype, concept_name=c.name)
+
+
+def _orthonormal_factors(down: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same dW = up @ down with orthonormal rows in down (QR), so capacity accounting holds."""
+    q, r = torch.linalg.qr(down.double().T)
+    return q.T.float().contiguous(), (up.double() @ r.T).float().contiguous()
+
+
+def import_lora(
+    bank: ConceptBank,
+    path: str | os.PathLike,
+    name: str,
+    triggers: list[str] | None = None,
+    structure: Any = None,
+) -> ConceptBank:
+    """A new bank with a foreign LoRA file added as a frozen concept.
+
+    Later concepts are trained orthogonal to its basis. Layers the file has and the bank does not are
+    reported (they cannot be composed through this bank); bank layers the file lacks get a zero adapter.
+    """
+    path = Path(path)
+    names = [s.name for s in bank.layers]
+    if bank.layer_naming in ("diffusers", "ldm"):
+        factors, meta, file_triggers = ex.read_lora_file(
+            path, bank.layer_naming, structure or nm.guess_structure(names)
+        )
+    else:
+        factors, meta, file_triggers = ex.read_lora_file(path, "diffusers", module_names=names)
+    extra = sorted(set(factors) - set(names))
+    if extra:
+        warnings.warn(
+            f"{path.name}: {len(extra)} LoRA modules are not adapted by this bank (e.g. {extra[0]!r}); "
+            "they are left out of the imported concept",
+            stacklevel=2,
+        )
+    hit = [n for n in names if n in factors]
+    if not hit:
+        raise ValueError(f"{path.name}: none of its modules is a layer of this bank (first: {sorted(factors)[:3]})")
+    rank = max(int(factors[n][0].shape[0]) for n in hit)
+    layers = {}
+    for spec in bank.layers:
+        if spec.name in factors:
+            down, up = factors[spec.name]
+            down = down.reshape(down.shape[0], -1)
+            up = up.reshape(up.shape[0], -1)
+            if down.shape[1] != spec.in_features or up.shape[0] != spec.out_features:
+                raise ValueError(
+                    f"{path.name}: layer {spec.name!r} is {up.shape[0]}x{down.shape[1]} in the file but "
+                    f"{spec.out_features}x{spec.in_features} in the bank; the LoRA is for another base model"
+                )
+            a, b = _orthonormal_factors(down, up)
+        else:
+            a, b = torch.zeros(1, spec.in_features), torch.zeros(spec.out_features, 1)
+        layers[spec.name] = ConceptLayer(a, b)
+    concept = Concept(
+        name, list(triggers if triggers is not None else file_triggers), rank, "imported", layers, "imported",
+        info={"file": path.name, "layers_in_file": len(factors), "layers_used": len(hit)},
+    )
+    return bank.with_concept(concept)

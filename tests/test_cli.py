@@ -1,0 +1,98 @@
+"""``python -m seqlora_core`` end to end on ``--base tiny``: train twice, report, export, generate, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+from safetensors import safe_open
+
+from seqlora_core.cli import main, parse_selection
+
+
+def make_images(folder: Path, seed: int, n: int = 4) -> Path:
+    """A few small coloured-shape images of one 'concept' (sizes vary, one caption file)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        im = Image.new("RGB", (64 + 8 * i, 64), (40 * seed % 255, 90 + 10 * i, 200 - 30 * seed))
+        d = ImageDraw.Draw(im)
+        d.ellipse([8 + 3 * i, 8, 40 + 4 * seed, 44], fill=(250, 60 * seed % 255, 20))
+        im.save(folder / f"{i}.png")
+    (folder / "0.txt").write_text("a photo of the thing on a table")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cli_bank(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    bank = root / "bank.safetensors"
+    for i, trig in enumerate(["sks dog", "zqx hat"]):
+        rc = main(["train", "--base", "tiny", "--images", str(make_images(root / f"c{i}", i)), "--trigger", trig,
+                   "--bank", str(bank), "--steps", "3", "--lr", "5e-3", "--quiet"])
+        assert rc == 0
+    return root, bank
+
+
+def test_train_twice_then_report_json(cli_bank, capsys):
+    _, bank = cli_bank
+    capsys.readouterr()
+    assert main(["report", "--bank", str(bank), "--base", "tiny", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["concepts"] == ["sks", "zqx"]
+    assert len(rep["interference"]) == 2 and len(rep["bound"]) == 2 and len(rep["bound"][0]) == 2
+    assert all(set(v) >= {"used", "total"} for v in rep["capacity"].values())
+    assert all(v["used"] == 8 for v in rep["capacity"].values())
+
+
+def test_report_png(cli_bank):
+    root, bank = cli_bank
+    png = root / "heat.png"
+    assert main(["report", "--bank", str(bank), "--png", str(png)]) == 0
+    with Image.open(png) as im:
+        assert im.size[0] > 100 and im.size[1] > 60
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "peft"])
+def test_export(cli_bank, fmt):
+    root, bank = cli_bank
+    out = root / f"zqx_{fmt}.safetensors"
+    assert main(["export", "--bank", str(bank), "--base", "tiny", "--concept", "zqx", "--format", fmt,
+                 "--out", str(out)]) == 0
+    with safe_open(str(out), "pt") as f:
+        keys = list(f.keys())
+        assert f.metadata()["modelspec.trigger_phrase"] == "zqx hat"
+    assert keys and all(k.startswith("lora_unet_" if fmt == "kohya" else "unet.") for k in keys)
+
+
+def test_generate_with_two_concepts(cli_bank):
+    root, bank = cli_bank
+    for mode in ("merged", "bypass"):
+        out = root / f"g_{mode}.png"
+        assert main(["generate", "--base", "tiny", "--bank", str(bank), "--concepts", "sks:1,zqx:0.8",
+                     "--prompt", "sks dog wearing zqx hat", "--out", str(out), "--steps", "2", "--mode", mode]) == 0
+        assert Image.open(out).size == (64, 64)
+
+
+def test_missing_image_folder_is_a_clear_error(cli_bank, capsys, tmp_path):
+    _, bank = cli_bank
+    rc = main(["train", "--base", "tiny", "--images", str(tmp_path / "nowhere"), "--trigger", "x y",
+               "--bank", str(bank), "--steps", "1", "--quiet"])
+    assert rc == 2
+    assert "nowhere" in capsys.readouterr().err
+
+
+def test_unknown_concept_and_duplicate_name(cli_bank, capsys, tmp_path):
+    root, bank = cli_bank
+    assert main(["export", "--bank", str(bank), "--concept", "nope", "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "it has: sks, zqx" in capsys.readouterr().err
+    rc = main(["train", "--base", "tiny", "--images", str(root / "c0"), "--trigger", "sks dog", "--bank", str(bank),
+               "--steps", "1", "--quiet"])
+    assert rc == 2 and "already in the bank" in capsys.readouterr().err
+
+
+def test_parse_selection():
+    assert parse_selection("a:1.5, b ,c:-0.5") == {"a": 1.5, "b": 1.0, "c": -0.5}
+    with pytest.raises(SystemExit, match="not a number"):
+        parse_selection("a:x")

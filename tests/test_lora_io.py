@@ -1,0 +1,116 @@
+"""A trained concept exported as a LoRA loads in diffusers' own loader; foreign LoRAs import as frozen concepts."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from seqlora_core import TrainConfig, compose, train_concept
+from seqlora_core.diffusers_backend import DiffusersConceptData, diffusion_loss
+from seqlora_core.lora_io import export_concept, import_lora
+from seqlora_core.naming import diffusers_to_ldm_map
+from seqlora_core.tiny import build_tiny_pipeline
+from tests.test_cli import make_images
+
+TOL = 1e-5  # max |diffusers-loaded - our merged| UNet output, fp32 files
+
+
+def _concept_data(pipe, folder, trigger):
+    from seqlora_core.dataset import ConceptDataset
+
+    return DiffusersConceptData(pipe, ConceptDataset.from_folder(folder, trigger, resolution=64))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora_io")
+    pipe = build_tiny_pipeline()
+    bank = None
+    for i, trig in enumerate(["sks dog", "zqx hat"]):
+        data = _concept_data(pipe, make_images(root / f"c{i}", i), trig)
+        cfg = TrainConfig(name=trig.split()[0], triggers=[trig], steps=4, lr=5e-3, stats_batches=1,
+                          layer_naming="diffusers", architecture="sd15")
+        bank = train_concept(pipe.unet, diffusion_loss, data.batches, cfg, bank, data.prior_batches)
+    return pipe, bank, root
+
+
+def _unet_out(unet):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 4, 32, 32, generator=g)
+    ctx = torch.randn(1, 77, 32, generator=g)
+    with torch.no_grad():
+        return unet(x, torch.tensor([400]), encoder_hidden_states=ctx).sample
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "peft"])
+def test_exported_concept_equals_our_composition_in_diffusers(trained, fmt, tmp_path):
+    pipe, bank, _ = trained
+    path = export_concept(bank, "zqx", tmp_path / f"zqx_{fmt}.safetensors", fmt, dtype="fp32")
+    with compose(pipe.unet, bank, {"zqx": 1.0}, "merged"):
+        ours = _unet_out(pipe.unet)
+    base = _unet_out(pipe.unet)
+    theirs_pipe = copy.deepcopy(pipe)
+    theirs_pipe.load_lora_weights(str(tmp_path), weight_name=path.name)
+    theirs = _unet_out(theirs_pipe.unet)
+    err = float((ours - theirs).abs().max())
+    assert float((ours - base).abs().max()) > 100 * TOL, "the concept must change the output"
+    assert err <= TOL, f"diffusers' load_lora_weights vs our merge: max abs diff {err:.2e} > {TOL}"
+
+
+def test_kohya_metadata_carries_triggers_and_alpha(trained, tmp_path):
+    _, bank, _ = trained
+    path = export_concept(bank, "sks", tmp_path / "sks.safetensors")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        keys = list(f.keys())
+        alpha = f.get_tensor(next(k for k in keys if k.endswith(".alpha")))
+    assert meta["modelspec.trigger_phrase"] == "sks dog"
+    assert "sks dog" in meta["ss_tag_frequency"] and meta["seqlora_concept"] == "sks"
+    assert all(k.startswith("lora_unet_down_blocks_") or k.startswith("lora_unet_up_blocks_")
+               or k.startswith("lora_unet_mid_block_") for k in keys)
+    assert float(alpha) == 4.0
+
+
+def test_ldm_named_bank_exports_diffusers_names(trained, tmp_path):
+    pipe, bank, _ = trained
+    ldm_bank = bank.renamed_layers(diffusers_to_ldm_map(pipe.unet), "ldm")
+    assert ldm_bank.layers[0].name.startswith(("input_blocks", "output_blocks", "middle_block"))
+    a = export_concept(bank, "sks", tmp_path / "a.safetensors", dtype="fp32")
+    b = export_concept(ldm_bank, "sks", tmp_path / "b.safetensors", dtype="fp32")
+    with safe_open(str(a), "pt") as fa, safe_open(str(b), "pt") as fb:
+        keys = sorted(fa.keys())
+        assert keys == sorted(fb.keys())
+        assert all(torch.equal(fa.get_tensor(k), fb.get_tensor(k)) for k in keys)
+
+
+def test_imported_lora_is_frozen_and_later_concepts_avoid_it(trained, tmp_path):
+    pipe, bank, root = trained
+    path = export_concept(bank, "zqx", tmp_path / "foreign.safetensors", dtype="fp32")
+    first_only = bank.truncated_before("zqx")
+    with_foreign = import_lora(first_only, path, "foreign")
+    imported = with_foreign.concept("foreign")
+    assert imported.source == "imported" and imported.triggers == ["zqx hat"]
+    for spec in bank.layers:
+        want = bank.concept("zqx").delta(spec.name)
+        got = imported.delta(spec.name)
+        assert float((want - got).abs().max()) <= 1e-5 * max(1.0, float(want.abs().max())), spec.name
+    data = _concept_data(pipe, make_images(root / "c2", 2), "qqv cat")
+    cfg = TrainConfig(name="qqv", triggers=["qqv cat"], steps=2, lr=5e-3, stats_batches=1)
+    after = train_concept(pipe.unet, diffusion_loss, data.batches, cfg, with_foreign, data.prior_batches)
+    worst = max(float((after.concept("qqv").layers[s.name].A @ imported.layers[s.name].A.T).abs().max())
+                for s in after.layers)
+    assert worst <= 1e-4, f"new concept's basis vs the imported one: max |A_new A_imp^T| = {worst:.1e}"
+
+
+def test_import_rejects_a_lora_for_another_model(trained, tmp_path):
+    _, bank, _ = trained
+    from seqlora_core.export import save_kohya
+
+    name = bank.layers[0].name
+    bad = {name: (torch.zeros(4, 7), torch.zeros(5, 4))}
+    save_kohya(tmp_path / "bad.safetensors", bad, None, ["x"], "bad", dtype="fp32")
+    with pytest.raises(ValueError, match="another base model"):
+        import_lora(bank, tmp_path / "bad.safetensors", "bad")
