@@ -1,0 +1,104 @@
+"""Shared bench helpers: machine facts for result files, SD1.5-width denoisers, synthetic banks."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from seqlora_core.bank import Concept, ConceptBank, ConceptLayer  # noqa: E402
+from seqlora_core.basis import random_orthonormal  # noqa: E402
+from seqlora_core.stats import Sketch  # noqa: E402
+from seqlora_core.targets import find_targets  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict:
+    """What ran the benchmark."""
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        import diffusers
+
+        info["diffusers"] = diffusers.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def write_result(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    payload = {"machine": machine(), **payload}
+    path.write_text(json.dumps(payload, indent=1))
+    return path
+
+
+def sd15_unet(full: bool, device: str = "cpu"):
+    """An SD1.5-width UNet with random weights: full depth, or one layer per block (same widths)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2 if full else 1,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        sample_size=64,
+    )
+    return unet.to(device)
+
+
+def synthetic_bank(model: torch.nn.Module, n_concepts: int, rank: int = 4, targets: str = "attn",
+                   sketch_rank: int = 8, seed: int = 0) -> ConceptBank:
+    """A bank of ``n_concepts`` random concepts with the shapes a trained one would have.
+
+    Bases are disjoint slots of one random orthonormal basis per width (soft where a layer is full),
+    up factors small and random, sketches random rank-``sketch_rank``. For timing and memory only.
+    """
+    specs = find_targets(model, targets)
+    g = torch.Generator().manual_seed(seed)
+    bases = {}
+    prior = {}
+    for s in specs:
+        if s.in_features not in bases:
+            bases[s.in_features] = random_orthonormal(s.in_features, seed)
+        prior[s.name] = _random_sketch(s.in_features, sketch_rank, g)
+    concepts = []
+    for t in range(n_concepts):
+        layers = {}
+        for s in specs:
+            slots = s.in_features // rank
+            a = bases[s.in_features][(t % slots) * rank : (t % slots + 1) * rank].clone()
+            b = torch.randn(s.out_features, rank, generator=g) * 1e-3
+            layers[s.name] = ConceptLayer(a, b, _random_sketch(s.in_features, sketch_rank, g), soft=t >= slots)
+        concepts.append(Concept(f"concept_{t:03d}", [f"tok{t}"], rank, "seqlora", layers))
+    return ConceptBank(specs, "diffusers", "sd15-width", prior, concepts)
+
+
+def _random_sketch(n: int, k: int, g: torch.Generator) -> Sketch:
+    u, _ = torch.linalg.qr(torch.randn(n, k, generator=g))
+    s = torch.rand(k, generator=g).sort(descending=True).values + 0.1
+    return Sketch(u.contiguous(), s.contiguous(), float(s.sum()) * 1.01)
