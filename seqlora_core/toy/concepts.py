@@ -1,0 +1,152 @@
+"""New concepts for the toy world: two-tone glyphs the base model never saw.
+
+Concept ``k`` is a mirror-symmetric 5x5 glyph in two colours, fixed by ``k`` alone, named by the
+reserved trigger word ``trigger_word(k)`` (``zqaa`` for 0). Its training images vary position,
+size and background; captions use the base model's scene words, e.g. ``zqab on the left``.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .scenes import BACKGROUNDS, POSITION_PHRASES, POSITIONS, RESOLUTION, SUPERSAMPLE
+
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "blue": (40, 80, 230),
+    "yellow": (240, 215, 30),
+    "green": (40, 170, 60),
+    "cyan": (30, 200, 210),
+    "pink": (250, 110, 180),
+    "orange": (250, 135, 20),
+    "purple": (150, 60, 200),
+}
+GRID = 5
+N_TRIGGERS = 200
+N_CONCEPTS = N_TRIGGERS
+
+
+def trigger_word(index: int) -> str:
+    """The reserved trigger word number ``index`` (0-based): ``zqaa``, ``zqab``, ..."""
+    if not 0 <= index < N_TRIGGERS:
+        raise ValueError(f"trigger index must be in [0, {N_TRIGGERS}), got {index}")
+    letters = string.ascii_lowercase
+    return "zq" + letters[index // 26] + letters[index % 26]
+
+
+def trigger_words() -> list[str]:
+    """All reserved trigger words, in index order (the tokenizer keeps one token for each)."""
+    return [trigger_word(i) for i in range(N_TRIGGERS)]
+
+
+@dataclass(frozen=True)
+class ConceptSpec:
+    """A concept's fixed identity: glyph cells, second-colour cells, two colours, trigger word."""
+
+    concept_id: int
+    trigger: str
+    glyph: np.ndarray  # (GRID, GRID) bool: filled cells
+    tone: np.ndarray  # (GRID, GRID) bool: filled cells drawn in colour2
+    colour1: str
+    colour2: str
+
+
+def _colour_pair(concept_id: int) -> tuple[str, str]:
+    """Distinct ordered colour pairs for the first 56 ids (a fixed shuffle), random after."""
+    names = list(PALETTE)
+    pairs = [(a, b) for a in names for b in names if a != b]
+    random.Random(12345).shuffle(pairs)
+    if concept_id < len(pairs):
+        return pairs[concept_id]
+    return tuple(random.Random(concept_id).sample(names, 2))  # type: ignore[return-value]
+
+
+def _mirrored(rng: np.random.Generator, p: float) -> np.ndarray:
+    half = rng.random((GRID, (GRID + 1) // 2)) < p
+    return np.concatenate([half, half[:, : GRID // 2][:, ::-1]], axis=1)
+
+
+def concept_spec(concept_id: int) -> ConceptSpec:
+    """The identity of concept ``concept_id`` (0 <= id < N_CONCEPTS); pure function of the id."""
+    if not 0 <= concept_id < N_CONCEPTS:
+        raise ValueError(f"concept id must be in [0, {N_CONCEPTS}), got {concept_id}")
+    rng = np.random.default_rng(1_000_003 * concept_id + 17)
+    while True:
+        glyph = _mirrored(rng, 0.62)
+        full_box = glyph.any(1).all() and glyph.any(0).all()
+        if full_box and 12 <= glyph.sum() <= 20:
+            break
+    while True:
+        tone = _mirrored(rng, 0.4) & glyph
+        if 4 <= tone.sum() <= glyph.sum() - 5:
+            break
+    c1, c2 = _colour_pair(concept_id)
+    return ConceptSpec(concept_id, trigger_word(concept_id), glyph, tone, c1, c2)
+
+
+def render_concept(spec: ConceptSpec, center: tuple[float, float], size: float,
+                   background: tuple[int, int, int], resolution: int = RESOLUTION) -> Image.Image:
+    """Draw the glyph with its centre at ``center`` (fractions) and side ``size`` (fraction)."""
+    side = resolution * SUPERSAMPLE
+    canvas = np.empty((side, side, 3), dtype=np.float32)
+    canvas[:] = background
+    cell = size * side / GRID
+    x0, y0 = center[0] * side - size * side / 2, center[1] * side - size * side / 2
+    c1, c2 = np.asarray(PALETTE[spec.colour1]), np.asarray(PALETTE[spec.colour2])
+    for r in range(GRID):
+        for c in range(GRID):
+            if spec.glyph[r, c]:
+                ya, yb = round(y0 + r * cell), round(y0 + (r + 1) * cell)
+                xa, xb = round(x0 + c * cell), round(x0 + (c + 1) * cell)
+                canvas[max(ya, 0):max(yb, 0), max(xa, 0):max(xb, 0)] = c2 if spec.tone[r, c] else c1
+    img = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
+    return img.resize((resolution, resolution), Image.Resampling.BOX)
+
+
+def random_view(spec: ConceptSpec, rng: random.Random, named: bool = True) -> tuple[Image.Image, str]:
+    """One image of the concept and its caption; ``named`` uses the five named positions."""
+    bg_name = rng.choice(list(BACKGROUNDS))
+    shade = rng.uniform(-12, 12)
+    bg = tuple(int(np.clip(v + shade, 0, 255)) for v in BACKGROUNDS[bg_name])
+    size = rng.uniform(0.36, 0.5)
+    if named:
+        pos = rng.choice(list(POSITIONS))
+        fx, fy = POSITIONS[pos]
+        center = (fx + rng.uniform(-0.04, 0.04), fy + rng.uniform(-0.04, 0.04))
+    else:
+        pos = ""
+        lo, hi = size / 2 + 0.02, 1 - size / 2 - 0.02
+        center = (rng.uniform(lo, hi), rng.uniform(lo, hi))
+    img = render_concept(spec, center, size, bg)  # type: ignore[arg-type]
+    t = spec.trigger
+    where = f" {POSITION_PHRASES[pos]}" if pos else ""
+    caption = rng.choice([f"a photo of {t}{where}", f"{t}{where}"])
+    if rng.random() < 0.5:
+        caption += f", {bg_name} background"
+    return img, caption
+
+
+def concept_examples(concept_id: int, n: int = 8, seed: int = 0) -> list[tuple[Image.Image, str]]:
+    """``n`` (5-10 by default use) training images with captions; deterministic for (id, n, seed)."""
+    spec = concept_spec(concept_id)
+    rng = random.Random(f"{concept_id}:{seed}")
+    return [random_view(spec, rng) for _ in range(n)]
+
+
+def write_concept_folder(concept_id: int, out_dir: str | Path, n: int = 8, seed: int = 0) -> list[Path]:
+    """Write ``n`` PNGs with same-name ``.txt`` captions into ``out_dir``; returns the image paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (img, caption) in enumerate(concept_examples(concept_id, n, seed)):
+        path = out / f"{trigger_word(concept_id)}_{i:02d}.png"
+        img.save(path)
+        path.with_suffix(".txt").write_text(caption + "\n")
+        paths.append(path)
+    return paths
