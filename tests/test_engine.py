@@ -212,3 +212,13 @@ def test_bank_from_other_model_is_rejected(four_concepts):
     with pytest.raises(Exception, match="does not fit the model"):
         compose(other, bank)
     assert isinstance(bank, ConceptBank)
+
+
+def test_gradient_checkpointing_gives_the_same_concept():
+    plain = _train(tiny_unet(), None, 0, steps=3)
+    unet = tiny_unet()
+    ckpt = _train(unet, None, 0, steps=3, gradient_checkpointing=True)
+    assert not unet.is_gradient_checkpointing, "the model's setting is restored"
+    for name, cl in plain.concepts[0].layers.items():
+        other = ckpt.concepts[0].layers[name]
+        assert torch.allclose(cl.B, other.B, atol=1e-6), name
