@@ -11,7 +11,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
@@ -24,6 +23,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
 from . import naming as nm
+from .files import atomic_write_bytes
 
 Factors = Mapping[str, tuple[Tensor, Tensor]]
 Kernels = Mapping[str, Sequence[int]]
@@ -181,22 +181,7 @@ def write_safetensors(
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"{path.name}: LoRA files are written as .safetensors")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = safetensors_bytes(dict(tensors), metadata=dict(metadata))
-    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write_bytes(path, safetensors_bytes(dict(tensors), metadata=dict(metadata)))
 
 
 def save_kohya(

@@ -24,8 +24,9 @@ from torch import nn
 
 from . import basis as bs
 from .adapters import AdapterLayer, inject, remove
-from .bank import Concept, ConceptBank, ConceptLayer, DuplicateConceptError, atomic_write_bytes
+from .bank import Concept, ConceptBank, ConceptLayer, DuplicateConceptError
 from .compose import compose
+from .files import atomic_write_bytes
 from .methods import Method, get_method
 from .stats import record_moments, sketch_moment
 from .targets import LayerSpec, find_targets

@@ -71,7 +71,7 @@ def test_save_is_atomic_and_leaves_no_temp_files(bank_and_unet, tmp_path):
     class Boom(Exception):
         pass
 
-    import seqlora_core.bank as bank_mod
+    import seqlora_core.files as bank_mod
 
     real = bank_mod.os.fsync
 
