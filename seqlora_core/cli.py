@@ -14,7 +14,7 @@ BASES_HELP = "'toy' (the embedded toy world), 'tiny' (random, for tests), a diff
 
 def _load_base(base: str, device: str | None = None) -> Any:
     if base == "toy":
-        from .toy import load_toy_pipeline
+        from .toy.model import load_toy_pipeline
 
         pipe = load_toy_pipeline()
     else:
@@ -104,7 +104,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     bank = ConceptBank.load(args.bank)
     rep = build_report(bank)
     if args.base == "toy" and args.identity:
-        from .toy import identity_report
+        from .evaluate import identity_report
 
         rep["identity"] = identity_report(_load_base("toy"), bank)
     if args.png:
