@@ -1,0 +1,105 @@
+"""Identity evaluation on the toy world: generate with concepts composed, score with the identity CNN."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from .bank import Concept, ConceptBank
+from .compose import compose
+from .toy.concepts import trigger_words
+from .toy.identity import N_IDENTITY, identity_probs
+
+PROMPT = "a photo of {t}"
+PAIR_PROMPT = "{a} on the left and {b} on the right"
+
+
+@dataclass
+class EvalSettings:
+    """How images are sampled for scoring."""
+
+    seeds: int = 4  # images per prompt
+    steps: int = 20
+    guidance: float = 5.0
+    base_seed: int = 1000
+
+
+def toy_id(concept: Concept) -> int | None:
+    """The toy concept id behind a concept (its trigger is a reserved toy word), or None."""
+    words = trigger_words()
+    for t in concept.triggers:
+        if t in words and words.index(t) < N_IDENTITY:
+            return words.index(t)
+    return None
+
+
+@torch.no_grad()
+def sample(pipe, prompts: Sequence[str], ev: EvalSettings) -> list[Image.Image]:
+    """``ev.seeds`` images per prompt, seeded (CPU generator) so runs are comparable."""
+    images: list[Image.Image] = []
+    for s in range(ev.seeds):
+        g = torch.Generator("cpu").manual_seed(ev.base_seed + s)
+        out = pipe(prompt=list(prompts), num_inference_steps=ev.steps, guidance_scale=ev.guidance, generator=g,
+                   output_type="pil")
+        images.extend(out.images)
+    # reorder to prompt-major: [p0 s0, p0 s1, ..., p1 s0, ...]
+    n = len(prompts)
+    return [images[s * n + p] for p in range(n) for s in range(ev.seeds)]
+
+
+def _scores(images: Sequence[Image.Image], ids: Sequence[int]) -> list[float]:
+    probs = identity_probs(list(images))
+    return [float(probs[i, c]) for i, c in enumerate(ids)]
+
+
+def concept_identity(pipe, bank: ConceptBank, selection: Mapping[str, float] | None, names: Sequence[str],
+                     ev: EvalSettings) -> tuple[dict[str, float], list[Image.Image]]:
+    """Mean identity probability of each named concept, prompted alone, with ``selection`` composed."""
+    concepts = [bank.concept(n) for n in names]
+    ids = [toy_id(c) for c in concepts]
+    if any(i is None for i in ids):
+        raise ValueError("identity needs toy-world concepts (trigger words from seqlora_core.toy)")
+    prompts = [PROMPT.format(t=c.triggers[0]) for c in concepts]
+    with compose(pipe.unet, bank, selection, "merged"):
+        images = sample(pipe, prompts, ev)
+    scores = _scores(images, [i for i in ids for _ in range(ev.seeds)])
+    return {n: sum(scores[k * ev.seeds:(k + 1) * ev.seeds]) / ev.seeds for k, n in enumerate(names)}, images
+
+
+def _half(img: Image.Image, left: bool) -> Image.Image:
+    """The left (right) half of an image re-centred on a canvas of its own background colour."""
+    w, h = img.size
+    half = img.crop((0, 0, w // 2, h) if left else (w - w // 2, 0, w, h))
+    corner = img.getpixel((0, 0) if left else (w - 1, 0))
+    canvas = Image.new("RGB", (w, h), corner)
+    canvas.paste(half, (w // 4, 0))
+    return canvas
+
+
+def pair_identity(pipe, bank: ConceptBank, pairs: Sequence[tuple[str, str]], ev: EvalSettings,
+                  selection: Mapping[str, float] | None = None) -> tuple[list[dict], list[Image.Image]]:
+    """Both concepts of each pair in one prompt ("A on the left and B on the right"), scored per half."""
+    prompts, ids = [], []
+    for a, b in pairs:
+        ca, cb = bank.concept(a), bank.concept(b)
+        prompts.append(PAIR_PROMPT.format(a=ca.triggers[0], b=cb.triggers[0]))
+        ids.append((toy_id(ca), toy_id(cb)))
+    with compose(pipe.unet, bank, selection, "merged"):
+        images = sample(pipe, prompts, ev)
+    lefts = _scores([_half(im, True) for im in images], [i for i, _ in ids for _ in range(ev.seeds)])
+    rights = _scores([_half(im, False) for im in images], [j for _, j in ids for _ in range(ev.seeds)])
+    out = []
+    for k, (a, b) in enumerate(pairs):
+        sl = slice(k * ev.seeds, (k + 1) * ev.seeds)
+        out.append({"pair": [a, b], "left": sum(lefts[sl]) / ev.seeds, "right": sum(rights[sl]) / ev.seeds})
+    return out, images
+
+
+def identity_report(pipe, bank: ConceptBank, ev: EvalSettings | None = None) -> dict[str, float]:
+    """Every toy concept's identity with the whole bank composed (what a user of the bank gets)."""
+    names = [c.name for c in bank.concepts if toy_id(c) is not None]
+    scores, _ = concept_identity(pipe, bank, None, names, ev or EvalSettings())
+    return scores
