@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from .comfy_patches import apply_bypass, apply_merged, strip_concepts
 log = logging.getLogger("seqlora")
 KEY_FIELD = "comfy_key"  # stored in Concept.info: what the concept was trained from (for idempotent re-runs)
 LOSS_EVENT = "seqlora.loss"
+AUTOSAVE_KEEP = 3  # finished trainings kept per concept name, so re-queuing an edited chain is cheap
 
 
 # --------------------------------------------------------------------------- helpers
@@ -138,6 +140,16 @@ def _make_autograd_safe(module: torch.nn.Module) -> None:
         for name, b in list(sub._buffers.items()):
             if b is not None and b.is_inference():
                 sub._buffers[name] = b.detach().clone()
+
+
+def _prune_autosaves(latest: Path, keep: int) -> None:
+    """Keep the `keep` newest finished autosaves of this concept name (``<name>-<key>.bank``)."""
+    stem = latest.name.rsplit("-", 1)[0]
+    pattern = re.compile(re.escape(stem) + r"-[0-9a-f]{20}\.bank")
+    older = sorted((p for p in latest.parent.iterdir() if p != latest and pattern.fullmatch(p.name)),
+                   key=lambda p: p.stat().st_mtime, reverse=True)
+    for p in older[max(0, keep - 1):]:
+        p.unlink(missing_ok=True)
 
 
 def _image_batch(img: Image.Image) -> torch.Tensor:
@@ -261,6 +273,7 @@ class SeqLoRATrainConcept:
                 mm.soft_empty_cache()
         new_bank.concepts[-1].info[KEY_FIELD] = key
         new_bank.save(done)
+        _prune_autosaves(done, keep=AUTOSAVE_KEEP)
         return self._outputs(base, new_bank, new_bank.concept(name).loss_curve)
 
     @staticmethod

@@ -321,6 +321,7 @@ class ComfyServer:
         yaml.write_text(
             "seqlora_test:\n"
             f"  base_path: {self.root}\n"
+            "  is_default: true\n"
             "  custom_nodes: custom_nodes\n"
             "  checkpoints: models/checkpoints\n"
             "  loras: models/loras\n"

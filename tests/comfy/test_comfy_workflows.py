@@ -43,7 +43,7 @@ def shrink(api: dict[str, Any], train_steps: int = TRAIN_STEPS, px: int = 64) ->
         elif ct == "SeqLoRAImageFolder":
             inp["resolution"] = px
         elif ct == "EmptyLatentImage":
-            inp["width"], inp["height"] = (2 * px, px) if inp["width"] == inp["height"] and _has_areas(api) else (px, px)
+            inp["width"], inp["height"] = (2 * px, px) if _has_areas(api) else (px, px)
         elif ct == "KSampler":
             inp["steps"] = 1
         elif ct == "ConditioningSetArea":
