@@ -1,0 +1,106 @@
+"""In-process against a real ComfyUI: the pack registers its nodes from the schema, and the three ways to
+apply concepts agree: our loader merged, our loader bypass, and the exported kohya files loaded with
+ComfyUI's stock LoraLoader."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from comfy_harness import make_images
+
+pytestmark = pytest.mark.slow
+TRAIN = "SeqLoRATrainConcept"
+LOADER = "SeqLoRAMultiConceptLoader"
+
+
+def test_pack_registers_nodes_from_the_schema(pack) -> None:
+    schema = pack.nodes.schema
+    mappings = pack.NODE_CLASS_MAPPINGS
+    assert set(mappings) == set(schema.BY_ID)
+    for node_id, cls in mappings.items():
+        spec = schema.BY_ID[node_id]
+        types = cls.INPUT_TYPES()
+        assert list(types["required"]) == [i.name for i in spec.inputs if not i.optional]
+        assert cls.CATEGORY == "SeqLoRA"
+        assert tuple(o.type for o in spec.outputs) == cls.RETURN_TYPES
+        assert pack.NODE_DISPLAY_NAME_MAPPINGS[node_id] == spec.display_name
+        assert hasattr(cls, cls.FUNCTION)
+
+
+@pytest.fixture(scope="module")
+def trained(pack, tiny_loaded, comfy_models: Path):
+    """Two concepts trained through the Train node (a few steps, 64 px), as ComfyUI would run them."""
+    model, clip, vae = tiny_loaded
+    nodes = pack.NODE_CLASS_MAPPINGS
+    bank = None
+    out_model = model
+    for i, (name, colour) in enumerate((("red_ball", (220, 20, 20)), ("blue_box", (20, 20, 220)))):
+        make_images(comfy_models / "input" / name, 2, size=64, seed=20 + i, color=colour)
+        with torch.inference_mode():
+            images, captions, _ = nodes["SeqLoRAImageFolder"]().run(name, 64)
+            bank, out_model, loss = nodes[TRAIN]().run(
+                out_model, clip, vae, images, name, f"zq {name}", "seqlora", 4, 2, 1e-2, 0.05, "attn", i, 1,
+                "a photo of {trigger}", bank, captions, str(10 + i))
+        assert len(loss["loss"]) == 2
+    return bank
+
+
+def _predict(patcher, seed: int = 0) -> torch.Tensor:
+    import comfy.model_management as mm
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    ctx = torch.randn(1, 77, 768, generator=g)
+    sigma = torch.tensor([2.0])
+    with torch.inference_mode():
+        mm.load_models_gpu([patcher], force_full_load=True)
+        return patcher.model.apply_model(x, sigma, c_crossattn=ctx).float().clone()
+
+
+def test_merged_bypass_and_stock_lora_loader_agree(pack, trained, tiny_loaded) -> None:
+    import nodes as comfy_nodes
+
+    model, clip, _ = tiny_loaded
+    ours = pack.NODE_CLASS_MAPPINGS
+    selection = "red_ball:0.8, blue_box:1.3"
+    base = _predict(model)
+    merged = _predict(ours[LOADER]().run(model, "(linked bank)", selection, "merged", trained)["result"][0])
+    bypass = _predict(ours[LOADER]().run(model, "(linked bank)", selection, "bypass", trained)["result"][0])
+
+    for name in ("red_ball", "blue_box"):
+        ours["SeqLoRAExportLoRA"]().run(trained, name, f"exp_{name}", "fp32", True)
+    stock = model
+    for name, s in (("red_ball", 0.8), ("blue_box", 1.3)):
+        stock, _ = comfy_nodes.LoraLoader().load_lora(stock, clip, f"exp_{name}.safetensors", s, 0.0)
+    assert len(stock.patches) == len(trained.layers), "every exported key maps onto the model"
+    stock_out = _predict(stock)
+
+    effect = (merged - base).abs().max().item()
+    scale = base.abs().max().item()
+    assert effect > 1e-4 * scale, "the concepts change the output (otherwise the comparison is empty)"
+    assert (stock_out - merged).abs().max().item() <= 1e-5 * scale + 1e-6, "stock LoraLoader == our merged"
+    assert (bypass - merged).abs().max().item() <= 1e-3 * max(effect, 1e-6) + 1e-5 * scale, "bypass == merged"
+    assert torch.equal(_predict(model), base), "the original model is untouched afterwards"
+
+
+def test_disabled_concepts_and_zero_strength_are_off(pack, trained, tiny_loaded) -> None:
+    model = tiny_loaded[0]
+    loader = pack.NODE_CLASS_MAPPINGS[LOADER]()
+    only_red = _predict(loader.run(model, "(linked bank)", "red_ball:1", "merged", trained)["result"][0])
+    toggled = _predict(loader.run(model, "(linked bank)", "red_ball:1, !blue_box:1", "merged", trained)["result"][0])
+    zero = _predict(loader.run(model, "(linked bank)", "red_ball:1, blue_box:0", "bypass", trained)["result"][0])
+    assert torch.allclose(only_red, toggled) and torch.allclose(only_red, zero, atol=1e-4)
+    with pytest.raises(ValueError, match="not in the bank"):
+        loader.run(model, "(linked bank)", "green_cone:1", "merged", trained)
+
+
+def test_train_output_model_is_the_loader_with_every_concept(pack, trained, tiny_loaded) -> None:
+    model = tiny_loaded[0]
+    loader = pack.NODE_CLASS_MAPPINGS[LOADER]()
+    via_loader = _predict(loader.run(model, "(linked bank)", "", "merged", trained)["result"][0])
+    # the loader ignores SeqLoRA patches already on its input model: no concept is applied twice
+    twice = loader.run(model, "(linked bank)", "", "merged", trained)["result"][0]
+    again = _predict(loader.run(twice, "(linked bank)", "", "merged", trained)["result"][0])
+    assert torch.allclose(via_loader, again)
