@@ -1,0 +1,220 @@
+"""SeqLoRA against its baselines on the toy world: identity, forgetting, composition, prior preservation.
+
+For every method and number of concepts N, concepts are learned one after another (the same concept
+images and seeds for every method). After concept t is learned, the model a user would have then
+(every concept so far composed) is asked for each concept j <= t alone: M[t][j] is the identity CNN's
+probability for j. From M: final average identity (mean_j M[N-1][j]) and average forgetting
+(mean_j max_t M[t][j] - M[N-1][j]). Also pairs of concepts in one prompt (scored per image half), how
+far trigger-free prompts move from the base model (mean absolute pixel change, 0..1), the report's
+interference and bound, wall time per concept, peak RSS and, for `fusion`, the time and memory of fusing.
+
+    python bench/quality.py --quick      # minutes: N = 4, 8, one seed
+    python bench/quality.py              # N = 4, 8, 16, 32, three seeds (hours on a CPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from _common import RESULTS, write_result
+
+from seqlora_core import TrainConfig, build_report, compose, train_concept
+from seqlora_core.dataset import ConceptDataset
+from seqlora_core.diffusers_backend import DiffusersConceptData, diffusion_loss
+from seqlora_core.evaluate import EvalSettings, concept_identity, pair_identity, sample
+from seqlora_core.toy.concepts import trigger_word, write_concept_folder
+from seqlora_core.toy.identity import N_IDENTITY
+from seqlora_core.toy.model import load_toy_pipeline
+
+METHODS = ("seqlora", "lora", "sequential", "ortho_frozen", "joint", "fusion")
+PRIOR_PROMPTS = ("a red circle on the left", "a blue square at the top and a green ring at the bottom",
+                 "a big yellow triangle in the center, black background")
+
+
+class PeakRSS:
+    """Samples the process's resident memory every 20 ms while active (CPU peak memory)."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def now() -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def __enter__(self) -> PeakRSS:
+        self.peak = self.now()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self.now())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join()
+
+
+def concept_ids(n: int, seed: int) -> list[int]:
+    """Which toy concepts a run learns (a seeded choice among those the identity CNN knows)."""
+    return random.Random(seed).sample(range(N_IDENTITY), n)
+
+
+def run(method: str, n: int, seed: int, steps: int, ev: EvalSettings, data_dir: Path, lr: float) -> dict:
+    pipe = load_toy_pipeline()
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    base_images = sample(pipe, PRIOR_PROMPTS, ev)
+    bank = None
+    matrix: list[list[float | None]] = []
+    per_concept = []
+    for t, k in enumerate(concept_ids(n, seed)):
+        folder = data_dir / f"{k}_{seed}"
+        if not folder.exists():
+            write_concept_folder(k, folder, n=8, seed=seed)
+        data = DiffusersConceptData(pipe, ConceptDataset.from_folder(folder, trigger_word(k), resolution=size),
+                                    batch_size=4, seed=seed)
+        cfg = TrainConfig(name=trigger_word(k), triggers=[trigger_word(k)], method=method, rank=4, steps=steps,
+                          lr=lr, seed=seed, layer_naming="diffusers", architecture="toy")
+        with PeakRSS() as mem:
+            bank = train_concept(pipe.unet, diffusion_loss, data.batches, cfg, bank, data.prior_batches)
+        c = bank.concepts[-1]
+        per_concept.append({"name": c.name, "train_s": c.timings["total_s"], "peak_rss": mem.peak,
+                            "upper_s": c.timings.get("upper_s", 0.0)})
+        scores, _ = concept_identity(pipe, bank, None, bank.names(), ev)
+        matrix.append([scores[x] for x in bank.names()] + [None] * (n - t - 1))
+    names = bank.names()
+    final = matrix[-1]
+    forgetting = [max(matrix[t][j] for t in range(j, n)) - final[j] for j in range(n)]
+    pairs = [(names[i], names[i + 1]) for i in range(0, n - 1, 2)]
+    t0 = time.perf_counter()
+    with PeakRSS() as mem:
+        comp = compose(pipe.unet, bank, None, "merged")
+        compose_s = time.perf_counter() - t0
+        comp.remove()
+    pair_scores, _ = pair_identity(pipe, bank, pairs, ev)
+    with compose(pipe.unet, bank, None, "merged"):
+        after = sample(pipe, PRIOR_PROMPTS, ev)
+    drift = statistics.mean(
+        float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean()) / 255
+        for a, b in zip(base_images, after, strict=True)
+    )
+    rep = build_report(bank)
+    offd = [rep["bound"][t][j] for t in range(n) for j in range(n) if t != j]
+    moments = sum(cl.moment.numel() * 4 for c in bank.concepts for cl in c.layers.values() if cl.moment is not None)
+    with tempfile.TemporaryDirectory() as tmp:
+        bank.save(Path(tmp) / "b.safetensors")
+        bank_bytes = (Path(tmp) / "b.safetensors").stat().st_size
+    return {
+        "method": method, "n": n, "seed": seed, "concepts": names, "identity_matrix": matrix,
+        "final_identity": statistics.mean(final), "average_forgetting": statistics.mean(forgetting),
+        "pair_identity": statistics.mean([(p["left"] + p["right"]) / 2 for p in pair_scores]) if pair_scores else None,
+        "pairs": pair_scores, "prior_drift_pixels": drift,
+        "mean_relative_interference": rep["mean_relative_interference"],
+        "mean_relative_bound": statistics.mean(offd) if offd else 0.0,
+        "train_s_per_concept": statistics.mean(p["train_s"] for p in per_concept),
+        "peak_rss_max": max(p["peak_rss"] for p in per_concept), "per_concept": per_concept,
+        "compose_s": compose_s, "compose_peak_rss": mem.peak, "fusion_moment_bytes": moments,
+        "bank_bytes": bank_bytes,
+    }
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    keys = ("final_identity", "average_forgetting", "pair_identity", "prior_drift_pixels",
+            "mean_relative_interference", "mean_relative_bound", "train_s_per_concept", "peak_rss_max",
+            "compose_s", "fusion_moment_bytes")
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["n"]), []).append(r)
+    out = []
+    for (method, n), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], METHODS.index(kv[0][0]))):
+        s = {"method": method, "n": n, "seeds": len(rs)}
+        for k in keys:
+            vals = [r[k] for r in rs if r[k] is not None]
+            s[k] = statistics.mean(vals) if vals else None
+            s[k + "_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        out.append(s)
+    return out
+
+
+def table(summary: list[dict]) -> str:
+    lines = ["| N | method | final identity | avg forgetting | pair identity | prior drift | interference | "
+             "s/concept | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
+    def cell(s: dict, k: str, d: int = 3) -> str:
+        v = s[k]
+        if v is None:
+            return "n/a"
+        return f"{v:.{d}f} ± {s[k + '_std']:.{d}f}" if s["seeds"] > 1 else f"{v:.{d}f}"
+
+    for s in summary:
+        def f(k: str, d: int = 3, s: dict = s) -> str:
+            return cell(s, k, d)
+
+        lines.append(f"| {s['n']} | {s['method']} | {f('final_identity')} | {f('average_forgetting')} | "
+                     f"{f('pair_identity')} | {f('prior_drift_pixels')} | {f('mean_relative_interference', 4)} | "
+                     f"{s['train_s_per_concept']:.1f} | {s['peak_rss_max'] / 2**20:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="N = 4, 8; one seed; fewer steps")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--n", default=None, help="concept counts (default 4,8,16,32; quick: 4,8)")
+    ap.add_argument("--seeds", default=None, help="seeds (default 0,1,2; quick: 0)")
+    ap.add_argument("--steps", type=int, default=None, help="steps per concept (default 150; quick 100)")
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--tag", default=None, help="result file name (default quality or quality_quick)")
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    ns = [int(x) for x in (args.n or ("4,8" if args.quick else "4,8,16,32")).split(",")]
+    seeds = [int(x) for x in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
+    steps = args.steps or (100 if args.quick else 150)
+    ev = EvalSettings(seeds=2 if args.quick else 4)
+    tag = args.tag or ("quality_quick" if args.quick else "quality")
+    rows = []
+    partial = RESULTS / f"{tag}.partial.jsonl"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    done = {(r["method"], r["n"], r["seed"]) for r in map(json.loads, partial.read_text().splitlines())} \
+        if partial.exists() else set()
+    rows = [json.loads(line) for line in partial.read_text().splitlines()] if partial.exists() else []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in ns:
+            for seed in seeds:
+                for method in args.methods.split(","):
+                    if (method, n, seed) in done:
+                        continue
+                    t0 = time.perf_counter()
+                    r = run(method, n, seed, steps, ev, Path(tmp), args.lr)
+                    rows.append(r)
+                    with partial.open("a") as f:
+                        f.write(json.dumps(r) + "\n")
+                    print(f"N={n:3d} seed {seed} {method:12s} final identity {r['final_identity']:.3f} "
+                          f"forgetting {r['average_forgetting']:.3f} pairs {r['pair_identity'] or 0:.3f} "
+                          f"drift {r['prior_drift_pixels']:.4f} interference {r['mean_relative_interference']:.4f} "
+                          f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    summary = summarise(rows)
+    print("\n" + table(summary))
+    path = write_result(tag, {"how": __doc__, "steps": steps, "eval": vars(ev), "summary": summary, "runs": rows})
+    partial.unlink(missing_ok=True)
+    (RESULTS / f"{tag}.md").write_text(table(summary) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
