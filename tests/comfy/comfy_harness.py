@@ -83,6 +83,18 @@ def require_comfyui() -> Path:
     return path
 
 
+def test_threads() -> int:
+    """CPU threads for torch in tests (``SEQLORA_TEST_THREADS``, default 1).
+
+    Tiny models run many small parallel regions; on a shared 2-core machine an OpenMP team waiting for a
+    descheduled thread makes them 10-80x slower, so one thread is the robust default.
+    """
+    try:
+        return max(1, int(os.environ.get("SEQLORA_TEST_THREADS", "1")))
+    except ValueError:
+        return 1
+
+
 # --------------------------------------------------------------------------- in-process tier
 
 _INPROCESS: dict[str, Any] = {}
@@ -105,6 +117,9 @@ def setup_inprocess(models_root: Path | None = None) -> Path:
     from comfy.cli_args import args
 
     args.cpu = True
+    import torch
+
+    torch.set_num_threads(test_threads())
     args.disable_metadata = False
     import comfy.model_management  # noqa: F401  (must come after args.cpu)
     import comfy.utils  # noqa: F401
@@ -340,7 +355,7 @@ class ComfyServer:
             "--database-url", "sqlite:///:memory:", *self.extra_args,
         ]
         env = dict(os.environ)
-        env.setdefault("OMP_NUM_THREADS", str(max(1, min(4, os.cpu_count() or 1))))
+        env.setdefault("OMP_NUM_THREADS", str(test_threads()))
         self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(cmd, cwd=self.comfy_path, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout
