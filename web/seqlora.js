@@ -237,7 +237,7 @@ function addConceptList(node) {
       setValue() {},
     });
     w.serialize = false;
-    w.computeSize = (width) => [width, Math.max(40, 24 * ((node.__seqloraBank || []).length || 1) + 12)];
+    w.computeSize = (width) => [width, Math.max(44, 26 * ((node.__seqloraBank || []).length || 1) + 20)];
   }
   const fileWidget = widgetByName(node, "bank_file");
   if (fileWidget) {
