@@ -38,16 +38,22 @@ def toy_id(concept: Concept) -> int | None:
 
 @torch.no_grad()
 def sample(pipe, prompts: Sequence[str], ev: EvalSettings) -> list[Image.Image]:
-    """``ev.seeds`` images per prompt, seeded (CPU generator) so runs are comparable."""
+    """``ev.seeds`` images per prompt, prompt-major. Image s of every prompt starts from the same seeded
+    noise, whatever else is in the batch, so runs and prompts are comparable."""
+    unet = pipe.unet
+    size = unet.config.sample_size
+    shape = (1, unet.config.in_channels, size, size)
     images: list[Image.Image] = []
+    per_seed = []
     for s in range(ev.seeds):
-        g = torch.Generator("cpu").manual_seed(ev.base_seed + s)
-        out = pipe(prompt=list(prompts), num_inference_steps=ev.steps, guidance_scale=ev.guidance, generator=g,
+        noise = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(ev.base_seed + s))
+        latents = noise.expand(len(prompts), -1, -1, -1).to(unet.device, unet.dtype)
+        out = pipe(prompt=list(prompts), num_inference_steps=ev.steps, guidance_scale=ev.guidance, latents=latents,
                    output_type="pil")
-        images.extend(out.images)
-    # reorder to prompt-major: [p0 s0, p0 s1, ..., p1 s0, ...]
-    n = len(prompts)
-    return [images[s * n + p] for p in range(n) for s in range(ev.seeds)]
+        per_seed.append(out.images)
+    for p in range(len(prompts)):
+        images.extend(per_seed[s][p] for s in range(ev.seeds))
+    return images
 
 
 def _scores(images: Sequence[Image.Image], ids: Sequence[int]) -> list[float]:
