@@ -179,6 +179,9 @@ class SeqLoRATrainConcept:
             log.warning("SeqLoRA: the input model carried concepts %s that are not in the bank input; they are "
                         "left out (connect their bank to keep them)", removed)
         arch = architecture(base)
+        if getattr(base.model, "adm_channels", 0):
+            raise ValueError(f"model: training inside ComfyUI supports SD1.x/SD2.x UNets; this {arch} model needs "
+                             "extra conditioning (ADM). Train it with the command line; its bank loads here.")
         if bank is not None:
             bank = bank_for_model(bank, base)
 
@@ -242,6 +245,7 @@ class SeqLoRATrainConcept:
         with torch.inference_mode():
             latents = base.model.process_latent_in(vae.encode(images[..., :3])).float()
             conds, prior_conds = self._encode(clip, caps), self._encode(clip, prior_caps)
+        mm.load_models_gpu([base], force_full_load=True)  # again: encoding may have offloaded it
         with torch.inference_mode(False):
             _make_autograd_safe(diffusion)
             # clones made here are normal tensors that autograd may save

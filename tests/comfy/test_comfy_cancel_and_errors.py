@@ -14,7 +14,7 @@ from comfy_harness import SD15_CHECKPOINT, EventRecorder, history_error, history
 pytestmark = pytest.mark.slow
 
 
-def graph(folder: str = "seqlora/cancel", name: str = "resumed", steps: int = 30, rank: int = 4,
+def graph(folder: str = "seqlora/cancel", name: str = "resumed", steps: int = 200, rank: int = 4,
           concept: str = "cancel_me", bank_file: str | None = None) -> dict[str, Any]:
     """Checkpoint -> image folder -> train -> save bank (optionally training on top of a bank file)."""
     g: dict[str, Any] = {
@@ -44,7 +44,7 @@ def images(comfy_server) -> None:
 
 @pytest.fixture(scope="module")
 def resumed(comfy_server, images) -> dict[str, Any]:
-    """Queue a 30-step training, interrupt it after a few steps, queue it again."""
+    """Queue a 200-step training, interrupt it after a few steps, queue it again."""
     g = graph()
     autosave = comfy_server.models / "seqlora" / ".autosave"
     with EventRecorder(comfy_server) as rec:
@@ -71,12 +71,12 @@ def test_cancel_keeps_a_checkpoint(resumed) -> None:
 def test_requeue_resumes_and_finishes(comfy_server, resumed) -> None:
     assert resumed["second"]["status"]["status_str"] == "success", history_error(resumed["second"])
     steps = resumed["steps2"]
-    assert steps and min(steps) > 1 and max(steps) == 30, f"resumed run reported steps {steps}"
+    assert steps and min(steps) > 1 and max(steps) == 200, f"resumed run reported steps {steps}"
     assert min(steps) >= resumed["cut"], "the resumed run starts where the cancelled one stopped"
     from seqlora_core.bank import ConceptBank
 
     bank = ConceptBank.load(comfy_server.models / "seqlora" / "resumed.safetensors")
-    assert bank.names() == ["cancel_me"] and len(bank.concepts[0].loss_curve) == 30
+    assert bank.names() == ["cancel_me"] and len(bank.concepts[0].loss_curve) == 200
     assert not list(resumed["autosave"].glob("*.checkpoint")), "a finished training removes its checkpoint"
 
 
