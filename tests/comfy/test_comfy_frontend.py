@@ -187,3 +187,23 @@ def test_no_page_errors(page) -> None:
     cdp.js("1")
     assert not [p for p in cdp.problems() if "seqlora" in p.lower()], cdp.problems()
     assert Path(page[1] / "seqlora_nodes.png").is_file()
+
+
+@pytest.mark.parametrize("name", ["seqlora_train_three_concepts", "seqlora_compose_regions",
+                                  "seqlora_add_concept_to_bank"])
+def test_workflow_loads_in_the_editor_and_exports_what_the_converter_makes(page, comfy_server, name) -> None:
+    from comfy_harness import REPO_ROOT, SD15_CHECKPOINT, load_workflow, ui_to_api
+
+    cdp, _ = page
+    (comfy_server.models / "checkpoints" / SD15_CHECKPOINT).touch(exist_ok=True)
+    (comfy_server.models / "seqlora" / "my_concepts.safetensors").touch(exist_ok=True)
+    wf = load_workflow(REPO_ROOT / "workflows" / f"{name}.json")
+    exported = cdp.js(f"""(async () => {{
+        await app.loadGraphData({json.dumps(wf)});
+        const p = await app.graphToPrompt();
+        return p.output;
+    }})()""")
+    ours = ui_to_api(wf, comfy_server.object_info())
+    strip = lambda api: {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}  # noqa: E731
+    assert strip(exported) == strip(ours)
+    assert not [p for p in cdp.problems() if "seqlora" in p.lower()], cdp.problems()
