@@ -207,3 +207,18 @@ def test_workflow_loads_in_the_editor_and_exports_what_the_converter_makes(page,
     strip = lambda api: {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}  # noqa: E731
     assert strip(exported) == strip(ours)
     assert not [p for p in cdp.problems() if "seqlora" in p.lower()], cdp.problems()
+
+
+def test_executed_messages_fill_the_linked_list_and_the_text(page) -> None:
+    cdp, _ = page
+    out = cdp.js("""(() => {
+        const loader = LiteGraph.createNode('SeqLoRAMultiConceptLoader'); app.graph.add(loader);
+        loader.onExecuted({seqlora_concepts: [{name: 'a', triggers: ['ta']}, {name: 'b', triggers: []}]});
+        const rep = LiteGraph.createNode('SeqLoRAInterferenceReport'); app.graph.add(rep);
+        rep.onExecuted({text: ['2 concepts; mean relative interference 0.01'], images: []});
+        return {rows: loader.__seqloraListEl.querySelectorAll('.seqlora-row').length,
+                text: rep.__seqloraTextEl?.value, values: rep.serialize().widgets_values};
+    })()""")
+    assert out["rows"] == 2
+    assert out["text"].startswith("2 concepts")
+    assert out["values"] == [0.05]
