@@ -104,3 +104,52 @@ def test_train_output_model_is_the_loader_with_every_concept(pack, trained, tiny
     twice = loader.run(model, "(linked bank)", "", "merged", trained)["result"][0]
     again = _predict(loader.run(twice, "(linked bank)", "", "merged", trained)["result"][0])
     assert torch.allclose(via_loader, again)
+
+
+def _train(pack, tiny_loaded, images, captions, name: str, steps: int):
+    model, clip, vae = tiny_loaded
+    with torch.inference_mode():
+        return pack.NODE_CLASS_MAPPINGS[TRAIN]().run(
+            model, clip, vae, images, name, "zq thing", "seqlora", 4, steps, 1e-2, 0.05, "attn", 7, 1,
+            "a photo of {trigger}", None, captions, "99")
+
+
+def test_training_is_deterministic_and_an_interrupted_run_resumes_to_the_same_result(
+        pack, tiny_loaded, comfy_models: Path) -> None:
+    import comfy.model_management as mm
+    import comfy.utils
+
+    make_images(comfy_models / "input" / "det", 2, size=64, seed=40, color=(90, 200, 90))
+    with torch.inference_mode():
+        images, captions, _ = pack.NODE_CLASS_MAPPINGS["SeqLoRAImageFolder"]().run("det", 64)
+    autosave = comfy_models / "seqlora" / ".autosave"
+
+    def factors(bank):
+        c = bank.concepts[-1]
+        return torch.cat([torch.cat([c.layers[s.name].A.flatten(), c.layers[s.name].B.flatten()])
+                          for s in bank.layers])
+
+    straight = factors(_train(pack, tiny_loaded, images, captions, "det", 8)[0])
+    for p in autosave.glob("det-*.bank"):
+        p.unlink()
+    again = factors(_train(pack, tiny_loaded, images, captions, "det", 8)[0])
+    assert torch.equal(straight, again), "same inputs, same concept"
+    for p in autosave.glob("det-*.bank"):
+        p.unlink()
+
+    def interrupt_at_3(value, total, preview, node_id=None):
+        if value == 3:
+            mm.interrupt_current_processing(True)
+        mm.throw_exception_if_processing_interrupted()
+
+    comfy.utils.set_progress_bar_global_hook(interrupt_at_3)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            _train(pack, tiny_loaded, images, captions, "det", 8)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    assert list(autosave.glob("det-*.checkpoint")), "the interrupted run left a checkpoint"
+    bank, _, loss = _train(pack, tiny_loaded, images, captions, "det", 8)
+    assert len(loss["loss"]) == 8
+    assert torch.allclose(factors(bank), straight, atol=1e-6), "resumed == uninterrupted"
+    assert not list(autosave.glob("det-*.checkpoint"))
