@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image, ImageDraw
 from safetensors import safe_open
 
@@ -96,3 +97,34 @@ def test_parse_selection():
     assert parse_selection("a:1.5, b ,c:-0.5") == {"a": 1.5, "b": 1.0, "c": -0.5}
     with pytest.raises(SystemExit, match="not a number"):
         parse_selection("a:x")
+
+
+def test_interrupted_training_resumes_to_the_same_bank(tmp_path, monkeypatch):
+    import seqlora_core.diffusers_backend as backend
+    from seqlora_core import ConceptBank
+
+    images = make_images(tmp_path / "c", 3)
+    args = ["train", "--base", "tiny", "--images", str(images), "--trigger", "sks dog", "--steps", "6",
+            "--lr", "5e-3", "--checkpoint-every", "2", "--quiet"]
+    assert main([*args, "--bank", str(tmp_path / "straight.safetensors")]) == 0
+
+    real = backend.diffusion_loss
+    calls = {"n": 0}
+
+    def crash_at_step_five(unet, batch):
+        if batch.get("step") == 4:  # steps 0..3 done: the last checkpoint is at step 4
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return real(unet, batch)
+
+    monkeypatch.setattr(backend, "diffusion_loss", crash_at_step_five)
+    bank = tmp_path / "resumed.safetensors"
+    assert main([*args, "--bank", str(bank)]) == 130
+    assert not bank.exists() and (tmp_path / "resumed.sks.partial.safetensors").exists()
+    monkeypatch.setattr(backend, "diffusion_loss", real)
+    assert main([*args, "--bank", str(bank)]) == 0
+    a, b = ConceptBank.load(tmp_path / "straight.safetensors"), ConceptBank.load(bank)
+    for name, cl in a.concepts[0].layers.items():
+        assert torch.equal(cl.A, b.concepts[0].layers[name].A) and torch.equal(cl.B, b.concepts[0].layers[name].B)
+    assert a.concepts[0].loss_curve == b.concepts[0].loss_curve
+    assert not (tmp_path / "resumed.sks.partial.safetensors").exists()
