@@ -32,8 +32,10 @@ class AdapterLayer(nn.Module):
         self.spec = spec
         # trainable pair as (stacked A, stacked B, index) into a group of same-shaped layers
         self.train_view: tuple[torch.Tensor, torch.Tensor, int] | None = None
-        self.bypass_A: torch.Tensor | None = None  # stacked bases of composed concepts (R x n)
-        self.bypass_B: torch.Tensor | None = None  # stacked up factors, strengths folded in (m x R)
+        # stacked bases (R x n) and up factors with strengths folded in (m x R) of composed concepts;
+        # buffers, so they follow the model's .to(device)
+        self.register_buffer("bypass_A", None, persistent=False)
+        self.register_buffer("bypass_B", None, persistent=False)
 
     @property
     def weight(self) -> torch.Tensor:

@@ -84,7 +84,10 @@ def fingerprint(specs: Iterable[LayerSpec]) -> str:
 
 @dataclass
 class ConceptBank:
-    """Ordered concepts over a fixed set of adapted layers. Treat as immutable: methods return new banks."""
+    """Ordered concepts over a fixed set of adapted layers. Treat as immutable: methods return new banks.
+
+    ``architecture`` is a lower-case family name ("sd15", "sd2", "sdxl", "toy", "tiny", ...).
+    """
 
     layers: list[LayerSpec]
     layer_naming: str = "module"  # "diffusers", "ldm" or "module" (names as in the trained module)
@@ -239,8 +242,8 @@ def _read_header(raw: bytes) -> dict:
 
 
 def _sketch_tensors(prefix: str, sk: Sketch, out: dict[str, torch.Tensor]) -> None:
-    out[f"{prefix}.U"] = sk.U.float().contiguous().cpu()
-    out[f"{prefix}.s"] = sk.s.float().contiguous().cpu()
+    out[f"{prefix}.U"] = sk.U.detach().float().cpu().clone()
+    out[f"{prefix}.s"] = sk.s.detach().float().cpu().clone()
 
 
 def _encode(bank: ConceptBank) -> tuple[dict[str, torch.Tensor], dict]:
@@ -256,14 +259,15 @@ def _encode(bank: ConceptBank) -> tuple[dict[str, torch.Tensor], dict]:
         for name, cl in c.layers.items():
             li = index[name]
             p = f"c{ci}.{li}"
-            tensors[f"{p}.A"] = cl.A.detach().float().contiguous().cpu()
-            tensors[f"{p}.B"] = cl.B.detach().float().contiguous().cpu()
+            # clones: concepts may share tensors, and safetensors refuses shared storage
+            tensors[f"{p}.A"] = cl.A.detach().float().cpu().clone()
+            tensors[f"{p}.B"] = cl.B.detach().float().cpu().clone()
             entry: dict = {"soft": cl.soft}
             if cl.sketch is not None:
                 _sketch_tensors(p, cl.sketch, tensors)
                 entry["trace"] = cl.sketch.trace
             if cl.moment is not None:
-                tensors[f"{p}.S"] = cl.moment.float().contiguous().cpu()
+                tensors[f"{p}.S"] = cl.moment.detach().float().cpu().clone()
             layer_meta[str(li)] = entry
         concepts.append(
             {

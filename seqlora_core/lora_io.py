@@ -13,19 +13,7 @@ from . import export as ex
 from . import naming as nm
 from .bank import Concept, ConceptBank, ConceptLayer
 
-ARCH_TO_BASE_VERSION = {"sd15": "sd_v1", "sd1": "sd_v1", "sd2": "sd_v2", "sd2-v": "sd_v2_v", "sdxl": "sdxl_base_v1-0"}
-
-
-def _export_names(bank: ConceptBank, structure: Any = None) -> dict[str, str]:
-    """Bank layer name -> name to write: diffusers names for UNets (what every loader reads)."""
-    names = [s.name for s in bank.layers]
-    if bank.layer_naming == "ldm":
-        l2d = nm.ldm_to_diffusers_map(structure or nm.guess_structure(names))
-        missing = [n for n in names if n not in l2d]
-        if missing:
-            raise ValueError(f"no diffusers name for bank layer {missing[0]!r}; export with the bank's own names")
-        return {n: l2d[n] for n in names}
-    return {n: n for n in names}
+ARCH_TO_BASE_VERSION = {"sd15": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -43,19 +31,20 @@ def export_concept(
     path: str | os.PathLike,
     fmt: str = "kohya",
     dtype: str = "fp16",
-    structure: Any = None,
 ) -> Path:
     """Write one concept as an ordinary LoRA file: kohya (`lora_unet_*`, alpha = r) or diffusers/PEFT.
 
     Trigger words go in `ss_tag_frequency` and `modelspec.trigger_phrase`; SeqLoRA facts in `seqlora_*`.
-    Layers of UNet banks are written with diffusers names (ComfyUI, A1111, Forge and diffusers read them).
+    Layer names are the bank's own: diffusers names (banks trained with diffusers) or LDM names (banks
+    trained in ComfyUI); ComfyUI, A1111 and Forge read both in kohya files.
     """
     if fmt not in ("kohya", "peft"):
         raise ValueError(f"format: {fmt!r}; use 'kohya' (ComfyUI, A1111, Forge) or 'peft' (diffusers)")
     c = bank.concept(name)
-    rename = _export_names(bank, structure)
-    factors = {rename[k]: v for k, v in concept_factors(bank, name).items() if float(v[1].abs().max()) > 0}
-    kernels = {rename[s.name]: s.kernel for s in bank.layers if s.kind == "conv2d"}
+    if fmt == "peft" and bank.layer_naming == "ldm":
+        raise ValueError("format: PEFT files need diffusers layer names; export this ComfyUI-trained bank as kohya")
+    factors = {k: v for k, v in concept_factors(bank, name).items() if float(v[1].abs().max()) > 0}
+    kernels = {s.name: s.kernel for s in bank.layers if s.kind == "conv2d"}
     extra = {
         "seqlora_concept": c.name,
         "seqlora_method": c.method,

@@ -76,6 +76,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     layer_naming: str = "module"
     architecture: str = "unknown"
+    extra_info: dict = field(default_factory=dict)  # copied into Concept.info (e.g. a host's cache key)
 
     def validate(self) -> Method:
         if not self.name or not self.name.strip():
@@ -593,7 +594,8 @@ def _make_concept(run: _Run, final: dict[str, torch.Tensor], cfg: TrainConfig, m
         )
     rel, lam = run.interference_now(fresh=True)
     info = {
-        "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("checkpoint_path",)},
+        **cfg.extra_info,
+        "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("checkpoint_path", "extra_info")},
         "soft_layers": soft_layers,
         "final_relative_interference": rel if math.isfinite(rel) else None,
         "final_lambda_mean": lam,

@@ -10,6 +10,7 @@ from safetensors import safe_open
 
 from seqlora_core import TrainConfig, compose, train_concept
 from seqlora_core.diffusers_backend import DiffusersConceptData, diffusion_loss
+from seqlora_core.export import read_lora_file
 from seqlora_core.lora_io import export_concept, import_lora
 from seqlora_core.naming import diffusers_to_ldm_map
 from seqlora_core.tiny import build_tiny_pipeline
@@ -74,16 +75,22 @@ def test_kohya_metadata_carries_triggers_and_alpha(trained, tmp_path):
     assert float(alpha) == 4.0
 
 
-def test_ldm_named_bank_exports_diffusers_names(trained, tmp_path):
+def test_ldm_named_bank_exports_ldm_names_that_read_back_as_diffusers(trained, tmp_path):
     pipe, bank, _ = trained
     ldm_bank = bank.renamed_layers(diffusers_to_ldm_map(pipe.unet), "ldm")
     assert ldm_bank.layers[0].name.startswith(("input_blocks", "output_blocks", "middle_block"))
-    a = export_concept(bank, "sks", tmp_path / "a.safetensors", dtype="fp32")
-    b = export_concept(ldm_bank, "sks", tmp_path / "b.safetensors", dtype="fp32")
-    with safe_open(str(a), "pt") as fa, safe_open(str(b), "pt") as fb:
-        keys = sorted(fa.keys())
-        assert keys == sorted(fb.keys())
-        assert all(torch.equal(fa.get_tensor(k), fb.get_tensor(k)) for k in keys)
+    path = export_concept(ldm_bank, "sks", tmp_path / "ldm.safetensors", dtype="fp32")
+    with safe_open(str(path), "pt") as f:
+        keys = list(f.keys())
+    assert all(k.startswith(("lora_unet_input_blocks_", "lora_unet_output_blocks_", "lora_unet_middle_block_"))
+               for k in keys)
+    factors, _, _ = read_lora_file(path, "diffusers", pipe.unet)
+    for spec in bank.layers:
+        a, b = factors[spec.name]
+        cl = bank.concept("sks").layers[spec.name]
+        assert torch.equal(a, cl.A) and torch.equal(b, cl.B), spec.name
+    with pytest.raises(ValueError, match="export this ComfyUI-trained bank as kohya"):
+        export_concept(ldm_bank, "sks", tmp_path / "x.safetensors", "peft")
 
 
 def test_imported_lora_is_frozen_and_later_concepts_avoid_it(trained, tmp_path):
