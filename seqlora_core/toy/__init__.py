@@ -30,6 +30,8 @@ _LAZY = {
     "identity_accuracy": "identity",
     "load_identity_classifier": "identity",
     "N_IDENTITY": "identity",
+    "identity_report": "identity",
+    "concept_id_of": "identity",
 }
 
 __all__ = [

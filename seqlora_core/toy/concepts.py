@@ -1,6 +1,6 @@
 """New concepts for the toy world: two-tone glyphs the base model never saw.
 
-Concept ``k`` is a mirror-symmetric 5x5 glyph in two colours, fixed by ``k`` alone, named by the
+Concept ``k`` is a mirror-symmetric 4x4 glyph in two colours, fixed by ``k`` alone, named by the
 reserved trigger word ``trigger_word(k)`` (``zqaa`` for 0). Its training images vary position,
 size and background; captions use the base model's scene words, e.g. ``zqab on the left``.
 """
@@ -27,7 +27,7 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "orange": (250, 135, 20),
     "purple": (150, 60, 200),
 }
-GRID = 5
+GRID = 4
 N_TRIGGERS = 200
 N_CONCEPTS = N_TRIGGERS
 
@@ -78,13 +78,13 @@ def concept_spec(concept_id: int) -> ConceptSpec:
         raise ValueError(f"concept id must be in [0, {N_CONCEPTS}), got {concept_id}")
     rng = np.random.default_rng(1_000_003 * concept_id + 17)
     while True:
-        glyph = _mirrored(rng, 0.62)
+        glyph = _mirrored(rng, 0.7)
         full_box = glyph.any(1).all() and glyph.any(0).all()
-        if full_box and 12 <= glyph.sum() <= 20:
+        if full_box and 9 <= glyph.sum() <= 14:
             break
     while True:
         tone = _mirrored(rng, 0.4) & glyph
-        if 4 <= tone.sum() <= glyph.sum() - 5:
+        if 2 <= tone.sum() <= glyph.sum() - 4:
             break
     c1, c2 = _colour_pair(concept_id)
     return ConceptSpec(concept_id, trigger_word(concept_id), glyph, tone, c1, c2)
@@ -114,7 +114,7 @@ def random_view(spec: ConceptSpec, rng: random.Random, named: bool = True) -> tu
     bg_name = rng.choice(list(BACKGROUNDS))
     shade = rng.uniform(-12, 12)
     bg = tuple(int(np.clip(v + shade, 0, 255)) for v in BACKGROUNDS[bg_name])
-    size = rng.uniform(0.36, 0.5)
+    size = rng.uniform(0.42, 0.56)
     if named:
         pos = rng.choice(list(POSITIONS))
         fx, fy = POSITIONS[pos]

@@ -65,29 +65,35 @@ def to_input(images: ImagesLike) -> torch.Tensor:
 
 
 def augment(img: Image.Image, rng: random.Random) -> np.ndarray:
-    """Blur, brightness jitter and pixel noise, as seen on generated images."""
+    """Blur, resampling softness, colour jitter and pixel noise, as seen on generated images."""
+    if rng.random() < 0.3:
+        small = img.resize((RESOLUTION // 2, RESOLUTION // 2), Image.Resampling.BILINEAR)
+        img = small.resize((RESOLUTION, RESOLUTION), Image.Resampling.BILINEAR)
     if rng.random() < 0.6:
-        img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.2, 0.9)))
-    x = np.asarray(img, dtype=np.float32) * rng.uniform(0.9, 1.1)
-    x += np.random.default_rng(rng.randrange(1 << 30)).normal(0, rng.uniform(0, 8), x.shape)
+        img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.2, 1.2)))
+    gain = np.asarray([rng.uniform(0.85, 1.15) for _ in range(3)], dtype=np.float32) * rng.uniform(0.9, 1.1)
+    x = np.asarray(img, dtype=np.float32) * gain + rng.uniform(-15, 15)
+    x += np.random.default_rng(rng.randrange(1 << 30)).normal(0, rng.uniform(0, 10), x.shape)
     return np.clip(x, 0, 255).astype(np.uint8)
 
 
-def identity_data(n_per_concept: int, n_none: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Augmented renderings of every concept plus "none" images; (uint8 images, labels)."""
+def identity_data(n_per_concept: int, n_none: int, seed: int,
+                  augmented: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Renderings of every concept plus "none" images; (uint8 images, labels)."""
     rng = random.Random(seed)
+    aug = augment if augmented else (lambda im, _rng: np.asarray(im))
     images, labels = [], []
     for cid in range(N_IDENTITY):
         spec = concept_spec(cid)
         for _ in range(n_per_concept):
             img, _ = random_view(spec, rng, named=rng.random() < 0.5)
-            images.append(augment(img, rng))
+            images.append(aug(img, rng))
             labels.append(cid)
     scenes, _, _ = scene_dataset(n_none // 2, seed=seed + 1, allow_held_out=True)
-    images += [augment(Image.fromarray(s), rng) for s in scenes]
+    images += [aug(Image.fromarray(s), rng) for s in scenes]
     for _ in range(n_none - len(scenes)):
         other = concept_spec(rng.randrange(N_IDENTITY + 32, 200))
-        images.append(augment(random_view(other, rng, named=rng.random() < 0.5)[0], rng))
+        images.append(aug(random_view(other, rng, named=rng.random() < 0.5)[0], rng))
     labels += [NONE] * n_none
     return np.stack(images), np.asarray(labels)
 
@@ -174,11 +180,13 @@ def validate(model: SmallCNN, seed: int = 999, n_per_concept: int = 25, n_noise:
     probs = identity_probs(x, model)
     pred = probs.argmax(-1).numpy()
     concept = y < NONE
+    xc, yc = identity_data(n_per_concept, 0, seed + 1, augmented=False)
     noise = noise_images(n_noise, seed)
     targets = [i % N_IDENTITY for i in range(n_noise)]
     nprobs = identity_probs(noise, model)
     return {
         "heldout_concept_accuracy": float((pred[concept] == y[concept]).mean()),
+        "heldout_clean_accuracy": identity_accuracy(xc, yc.tolist(), model),
         "heldout_none_accuracy": float((pred[~concept] == NONE).mean()),
         "noise_target_accuracy": identity_accuracy(noise, targets, model),
         "noise_target_mean_prob": float(identity_scores(noise, targets, model).mean()),
@@ -187,8 +195,8 @@ def validate(model: SmallCNN, seed: int = 999, n_per_concept: int = 25, n_noise:
     }
 
 
-def train_identity(out_dir: Path, seed: int = 0, n_per_concept: int = 300, n_none: int = 3000,
-                   epochs: int = 8) -> dict:
+def train_identity(out_dir: Path, seed: int = 0, n_per_concept: int = 400, n_none: int = 6000,
+                   epochs: int = 10) -> dict:
     """Train, validate and save the identity CNN; returns the metrics."""
     t0 = time.time()
     torch.manual_seed(seed)
@@ -215,3 +223,40 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def concept_id_of(trigger: str) -> int | None:
+    """The concept id of a reserved trigger word (``zqab`` -> 1), or None for any other word."""
+    from .concepts import trigger_words
+
+    words = trigger_words()
+    return words.index(trigger) if trigger in words else None
+
+
+@torch.no_grad()
+def identity_report(pipe, bank, n: int = 8, steps: int = 20, guidance: float = 5.0, seed: int = 0) -> dict:
+    """Identity of every toy concept in a bank: alone, with all concepts composed, and on the base.
+
+    A concept is scored when one of its trigger words is a reserved toy trigger with an id the
+    classifier knows; images come from the prompt ``a photo of <trigger>``.
+    """
+    from ..compose import compose
+
+    def score(selection: dict[str, float], trigger: str, cid: int) -> dict[str, float]:
+        gens = [torch.Generator().manual_seed(seed + i) for i in range(n)]
+        with compose(pipe.unet, bank, selection, mode="bypass"):
+            images = pipe([f"a photo of {trigger}"] * n, num_inference_steps=steps, guidance_scale=guidance,
+                          generator=gens, output_type="pt").images
+        return {"accuracy": identity_accuracy(images, cid), "mean_prob": float(identity_scores(images, cid).mean())}
+
+    everyone = {c.name: 1.0 for c in bank.concepts}
+    report: dict[str, dict] = {}
+    for c in bank.concepts:
+        ids = [(t, concept_id_of(t)) for t in c.triggers]
+        ids = [(t, i) for t, i in ids if i is not None and i < N_IDENTITY]
+        if not ids:
+            continue
+        trigger, cid = ids[0]
+        report[c.name] = {"trigger": trigger, "concept_id": cid, "base": score({}, trigger, cid),
+                          "alone": score({c.name: 1.0}, trigger, cid), "all": score(everyone, trigger, cid)}
+    return report

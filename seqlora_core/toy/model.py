@@ -31,7 +31,7 @@ SCHEDULER_KW = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012
 def write_tokenizer(out_dir: str | Path) -> Path:
     """Write a word-level CLIP BPE tokenizer (vocab.json, merges.txt, config) for the toy model.
 
-    Every scene word and trigger word is a single token; any other word falls back to letters.
+    Every scene word and trigger word is a single token; any other word falls back to pieces.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -46,14 +46,19 @@ def write_tokenizer(out_dir: str | Path) -> Path:
         add(c)
     for c in chars:
         add(c + "</w>")
+    seen: set[tuple[str, str]] = set()
     for word in vocabulary() + trigger_words():
+        # every split of every piece of the word: whatever merge fires first, the word still ends as one token
         symbols = list(word[:-1]) + [word[-1] + "</w>"]
-        current = symbols[0]
-        for sym in symbols[1:]:
-            if (current, sym) not in merges:
-                merges.append((current, sym))
-            current += sym
-            add(current)
+        for length in range(2, len(symbols) + 1):
+            for i in range(len(symbols) - length + 1):
+                piece = symbols[i:i + length]
+                for k in range(1, length):
+                    pair = ("".join(piece[:k]), "".join(piece[k:]))
+                    if pair not in seen:
+                        seen.add(pair)
+                        merges.append(pair)
+                add("".join(piece))
     add(BOS)
     add(EOS)
     (out / "vocab.json").write_text(json.dumps(vocab, indent=0) + "\n")

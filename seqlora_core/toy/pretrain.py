@@ -126,12 +126,53 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
             pe.lerp_(pm, 1.0 - decay)
 
 
+@torch.no_grad()
+def set_trigger_embeddings(pipe, norm: float, seed: int) -> torch.Tensor:
+    """Give every reserved trigger word a fixed random embedding of the given norm; returns the rows' ids."""
+    emb = pipe.text_encoder.get_input_embeddings().weight
+    vocab = pipe.tokenizer.get_vocab()
+    rows = torch.tensor([vocab[w + "</w>"] for w in trigger_words()])
+    new = torch.randn(len(rows), emb.shape[1], generator=torch.Generator().manual_seed(seed))
+    emb[rows] = new / new.norm(dim=1, keepdim=True) * norm
+    return rows
+
+
+def trigger_separation_loss(te, tok, rows: torch.Tensor, gen: torch.Generator, n: int = 16) -> torch.Tensor:
+    """Mean squared cosine between text-encoder outputs at the positions of n different trigger words.
+
+    Images never enter: this only teaches the text encoder to keep unseen words apart, so that a new
+    concept's trigger gives the UNet a feature of its own.
+    """
+    pick = rows[torch.randperm(len(rows), generator=gen)[:n]]
+    words = tok.convert_ids_to_tokens(pick.tolist())
+    templates = ["a photo of {}", "{} on the left", "a photo of {} at the top", "{} in the center, white background",
+                 "a {} on the right", "a photo of {}, black background"]
+    order = torch.randint(0, len(templates), (n,), generator=gen).tolist()
+    prompts = [templates[k].format(w.removesuffix("</w>")) for k, w in zip(order, words, strict=True)]
+    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+    where = ids == pick[:, None]
+    if not bool((where.sum(1) == 1).all()):
+        raise ValueError("every trigger word must be exactly one token of its prompt")
+    h = te(ids)[0][where]  # one row per prompt: the trigger's position
+    z = F.normalize(h, dim=1)
+    cos = z @ z.T
+    return cos[~torch.eye(n, dtype=torch.bool)].pow(2).mean()
+
+
 def train_denoiser(pipe, latents: torch.Tensor, prompts: list[str], steps: int, batch: int, lr: float,
-                   seed: int, p_uncond: float = 0.1, offset_noise: float = 0.1,
-                   ema_decay: float = 0.999) -> list[float]:
-    """Train UNet and text encoder together; the pipeline ends up holding the EMA weights."""
+                   seed: int, p_uncond: float = 0.1, offset_noise: float = 0.1, ema_decay: float = 0.995,
+                   trigger_norm: float = 0.25, trigger_weight: float = 0.05, min_snr: float = 5.0) -> list[float]:
+    """Train UNet and text encoder together; the pipeline ends up holding the EMA weights.
+
+    Min-SNR loss weighting (``min_snr``) speeds up learning of layout and shape.
+    Trigger-word embeddings stay fixed (random, ``trigger_norm``); ``trigger_weight`` scales
+    ``trigger_separation_loss``.
+    """
     gen = torch.Generator().manual_seed(seed)
     tok = pipe.tokenizer
+    rows = set_trigger_embeddings(pipe, trigger_norm, seed)
+    emb = pipe.text_encoder.get_input_embeddings().weight
+    fixed = emb.detach()[rows].clone()
     ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
               return_tensors="pt").input_ids
     empty = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
@@ -144,6 +185,7 @@ def train_denoiser(pipe, latents: torch.Tensor, prompts: list[str], steps: int, 
     params = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     losses: list[float] = []
+    seps: list[float] = []
     bar = tqdm(range(steps), desc="unet+text", mininterval=10)
     for step in bar:
         for g in opt.param_groups:
@@ -160,36 +202,28 @@ def train_denoiser(pipe, latents: torch.Tensor, prompts: list[str], steps: int, 
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         cond = te(b_ids)[0]
         pred = unet(xt, t, cond).sample
-        loss = F.mse_loss(pred, noise)
+        snr = a / (1 - a)
+        weight = snr.clamp(max=min_snr) / snr
+        loss = (weight * (pred - noise).pow(2)).mean()
+        sep = trigger_separation_loss(te, tok, rows, gen) if trigger_weight else torch.zeros(())
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + trigger_weight * sep).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        with torch.no_grad():
+            emb[rows] = fixed
+        seps.append(sep.item())
         decay = min(ema_decay, (1 + step) / (10 + step))
         ema_update(ema_unet, unet, decay)
         ema_update(ema_te, te, decay)
         losses.append(loss.item())
         if step % 50 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", sep=f"{np.mean(seps[-50:]):.3f}")
     unet.load_state_dict(ema_unet.state_dict())
     te.load_state_dict(ema_te.state_dict())
     unet.eval()
     te.eval()
     return losses
-
-
-@torch.no_grad()
-def set_trigger_embeddings(pipe, trained_words: list[str], seed: int) -> dict[str, float]:
-    """Give every reserved trigger word a random embedding with the trained words' mean norm."""
-    emb = pipe.text_encoder.get_input_embeddings().weight
-    vocab = pipe.tokenizer.get_vocab()
-    trained = emb[[vocab[w + "</w>"] for w in trained_words]]
-    norm = trained.norm(dim=1).mean()
-    gen = torch.Generator().manual_seed(seed)
-    rows = [vocab[w + "</w>"] for w in trigger_words()]
-    new = torch.randn(len(rows), emb.shape[1], generator=gen)
-    emb[rows] = new / new.norm(dim=1, keepdim=True) * norm
-    return {"trained_word_norm": float(norm)}
 
 
 @torch.no_grad()
@@ -228,7 +262,7 @@ def attribute_labels(scenes: list[Scene]) -> list[torch.Tensor]:
             torch.tensor([list(POSITIONS).index(o.position) for o in objs])]
 
 
-def train_attribute_probe(seed: int, n: int = 6000, epochs: int = 6) -> tuple[SmallCNN, list[float]]:
+def train_attribute_probe(seed: int, n: int = 8000, epochs: int = 10) -> tuple[SmallCNN, list[float]]:
     """A CNN reading colour, shape and position off renderings; returns it and its held-out accuracy."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -301,8 +335,10 @@ def attention_params(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 def concept_finetune_check(weights_dir: Path, concept_id: int = 0, steps: int = 150, batch: int = 4,
-                           lr: float = 3e-4, n_images: int = 8, seed: int = 0, n_eval: int = 20) -> dict:
-    """Plain fine-tune of the UNet attention projections on one concept; identity before and after."""
+                           lr: float = 3e-4, n_images: int = 8, seed: int = 0, n_eval: int = 20,
+                           lora_rank: int | None = None) -> dict:
+    """Fine-tune the UNet attention projections on one concept (plainly, or a peft LoRA of
+    ``lora_rank``); identity of generated images before and after."""
     from .concepts import concept_examples
     from .identity import identity_accuracy, identity_scores
     from .model import load_toy_pipeline
@@ -327,7 +363,14 @@ def concept_finetune_check(weights_dir: Path, concept_id: int = 0, steps: int = 
 
     before, _ = measure()
     unet.requires_grad_(False)
-    params = attention_params(unet)
+    if lora_rank:
+        from peft import LoraConfig
+
+        unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
+                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        params = [p for n, p in unet.named_parameters() if "lora" in n]
+    else:
+        params = attention_params(unet)
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -350,8 +393,9 @@ def concept_finetune_check(weights_dir: Path, concept_id: int = 0, steps: int = 
         losses.append(loss.item())
     unet.eval()
     after, images = measure()
-    save_grid(images, weights_dir / "samples_finetuned_concept.png", cols=10)
-    return {"concept_id": concept_id, "trigger": word, "trigger_tokens": tok.tokenize(word), "steps": steps,
+    save_grid(images, weights_dir / f"samples_finetuned_concept_{'lora' if lora_rank else 'attn'}.png", cols=10)
+    return {"concept_id": concept_id, "lora_rank": lora_rank, "trigger": word,
+            "trigger_tokens": tok.tokenize(word), "steps": steps,
             "batch": batch, "lr": lr, "trainable_params": sum(p.numel() for p in params),
             "step_seconds_median": float(np.median(times)), "loss_first_20": float(np.mean(losses[:20])),
             "loss_last_20": float(np.mean(losses[-20:])), "before": before, "after": after}
@@ -389,10 +433,11 @@ def pretrain(out: Path, n_scenes: int, vae_steps: int, unet_steps: int, batch: i
     scale = float(1.0 / raw.std())
     pipe.vae.register_to_config(scaling_factor=scale)
     t_vae = time.time() - t0
-    losses = train_denoiser(pipe, raw * scale, prompts, unet_steps, batch, 5e-4, seed)
+    losses = train_denoiser(pipe, raw * scale, prompts, unet_steps, batch, 8e-4, seed)
     print(f"[{time.time() - t0:.0f}s] denoiser loss {np.mean(losses[-200:]):.4f}")
-    words = [w for w in vocabulary() if w != ","]
-    trig = set_trigger_embeddings(pipe, words, seed)
+    emb = pipe.text_encoder.get_input_embeddings().weight
+    vocab = pipe.tokenizer.get_vocab()
+    word_norm = float(emb.detach()[[vocab[w + "</w>"] for w in vocabulary()]].norm(dim=1).mean())
     save_toy_pipeline(pipe, out)
     elapsed = time.time() - t0
     info = {
@@ -400,7 +445,7 @@ def pretrain(out: Path, n_scenes: int, vae_steps: int, unet_steps: int, batch: i
         "vae_psnr_db": round(psnr, 2), "latent_scaling_factor": scale,
         "final_loss": float(np.mean(losses[-200:])), "loss_first_200": float(np.mean(losses[:200])),
         "vae_seconds": round(t_vae), "total_seconds": round(elapsed), "machine": machine(),
-        "n_triggers": N_TRIGGERS, **trig, **trigger_distinctness(pipe),
+        "n_triggers": N_TRIGGERS, "trained_word_norm": word_norm, **trigger_distinctness(pipe),
     }
     print(f"[{elapsed:.0f}s] saved to {out}")
     return info
@@ -411,8 +456,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "weights")
     ap.add_argument("--scenes", type=int, default=12000)
     ap.add_argument("--vae-steps", type=int, default=500)
-    ap.add_argument("--unet-steps", type=int, default=2500)
-    ap.add_argument("--batch", type=int, default=24)
+    ap.add_argument("--unet-steps", type=int, default=3500)
+    ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="1 is fastest on a busy machine")
     ap.add_argument("--skip-eval", action="store_true", help="train only")
@@ -433,8 +478,9 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(info["prompt_following"], indent=2))
     if args.finetune_check:
         info["concept_finetune"] = concept_finetune_check(args.out, seed=args.seed)
+        info["concept_finetune_lora4"] = concept_finetune_check(args.out, seed=args.seed, lr=2e-3, lora_rank=4)
         info_path.write_text(json.dumps(info, indent=2) + "\n")
-        print(json.dumps(info["concept_finetune"], indent=2))
+        print(json.dumps({k: info[k] for k in ("concept_finetune", "concept_finetune_lora4")}, indent=2))
 
 
 if __name__ == "__main__":

@@ -193,13 +193,13 @@ def random_object(rng: random.Random, position: str, allow_held_out: bool, two: 
             break
     size = None if two else rng.choice([None, None, "small", "big"])
     pattern = colour2 = None
-    if rng.random() < 0.25:
+    if rng.random() < 0.15:
         pattern = rng.choice(PATTERNS)
         colour2 = rng.choice([c for c in COLOURS if c != colour])
     return SceneObject(shape, colour, position, size, pattern, colour2)
 
 
-def random_scene(rng: random.Random, allow_held_out: bool = False, p_two: float = 0.3) -> Scene:
+def random_scene(rng: random.Random, allow_held_out: bool = False, p_two: float = 0.2) -> Scene:
     """Sample a scene: one object at a named position, or two at opposite positions."""
     if rng.random() < p_two:
         pair = rng.choice(PAIRS)
