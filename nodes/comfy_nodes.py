@@ -80,15 +80,19 @@ def _send(event: str, data: dict[str, Any]) -> None:
         srv.send_sync(event, data, getattr(srv, "client_id", None))
 
 
+_FAMILIES = {"SD15": "sd15", "SD20": "sd2", "SD21UnclipL": "sd2", "SD21UnclipH": "sd2", "SDXL": "sdxl"}
+
+
 def architecture(model) -> str:
-    """ComfyUI's name for the model family ("SD15", "SDXL", ...)."""
-    return type(model.model.model_config).__name__
+    """The model family in the bank's vocabulary ("sd15", "sd2", "sdxl", or ComfyUI's class name lower-cased)."""
+    name = type(model.model.model_config).__name__
+    return _FAMILIES.get(name, name.lower())
 
 
 def bank_for_model(bank: ConceptBank, model) -> ConceptBank:
     """The bank with LDM layer names, checked against `model`'s diffusion model (clear error if foreign)."""
     arch = architecture(model)
-    if bank.architecture not in ("unknown", "", arch):
+    if bank.architecture.lower() not in ("unknown", "", arch):
         raise BankMismatchError(
             f"this bank was trained on {bank.architecture} but the model is {arch}; load the base model the "
             f"bank was trained on, or start a new bank (leave the bank input empty)"
@@ -232,6 +236,7 @@ class SeqLoRATrainConcept:
         stem = bankfiles.safe_name(name, "concept_name")[: -len(".safetensors")]
         done = bankfiles.autosave_dir() / f"{stem}-{key}.bank"
         cfg.checkpoint_path = str(bankfiles.autosave_dir() / f"{stem}-{key}.checkpoint")
+        cfg.extra_info = {KEY_FIELD: key}
         if done.is_file():
             try:
                 cached = ConceptBank.load(done)
@@ -275,7 +280,6 @@ class SeqLoRATrainConcept:
                 raise mm.InterruptProcessingException() from None
             finally:
                 mm.soft_empty_cache()
-        new_bank.concepts[-1].info[KEY_FIELD] = key
         new_bank.save(done)
         _prune_autosaves(done, keep=AUTOSAVE_KEEP)
         return self._outputs(base, new_bank, new_bank.concept(name).loss_curve)
@@ -408,30 +412,21 @@ class SeqLoRASaveBank:
         return {"ui": {"text": [text]}, "result": (str(path),)}
 
 
-_BASE_VERSIONS = {"SD15": "sd_v1", "SD20": "sd_v2", "SD21UnclipL": "sd_v2", "SD21UnclipH": "sd_v2",
-                  "SDXL": "sdxl_base_v1-0"}
-
-
 @_configure(schema.EXPORT)
 class SeqLoRAExportLoRA:
     def run(self, bank: ConceptBank, concept_name: str, filename: str, dtype: str, overwrite: bool):
-        from ..seqlora_core.export import save_kohya
+        from ..seqlora_core.lora_io import export_concept
 
         if not bank.concepts:
             raise ValueError("bank: it has no concepts to export")
         name = concept_name.strip() or bank.names()[-1]
         concept = bank.concept(name)
-        if bank.layer_naming not in ("ldm", "diffusers"):
-            raise ValueError(f"bank: layer naming {bank.layer_naming!r} cannot be exported as a kohya LoRA")
-        factors = {s.name: (concept.layers[s.name].A, concept.layers[s.name].B) for s in bank.layers}
-        kernels = {s.name: s.kernel for s in bank.layers if s.kind == "conv2d"}
         out_dir = Path(folder_paths.get_folder_paths("loras")[0])
         path = out_dir / bankfiles.safe_name(filename.strip() or name, "filename")
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path.name} already exists in models/loras; turn on overwrite or choose "
                                   "another file name")
-        version = _BASE_VERSIONS.get(bank.architecture, "sd_v1")
-        save_kohya(path, factors, kernels, concept.triggers, name, version, dtype=dtype, concept_name=name)
+        export_concept(bank, name, path, "kohya", dtype)
         folder_paths.filename_list_cache.pop("loras", None)
         text = f"exported {name!r} to models/loras/{path.name} (triggers: {', '.join(concept.triggers)})"
         return {"ui": {"text": [text]}, "result": (str(path),)}

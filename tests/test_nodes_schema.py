@@ -36,7 +36,8 @@ def schema(pack):
 
 
 def test_pack_imports_outside_comfyui(pack) -> None:
-    assert "comfy.model_management" not in sys.modules or "folder_paths" not in sys.modules
+    if "comfy.model_management" in sys.modules:
+        pytest.skip("ComfyUI is loaded in this process; tests/comfy checks the registered pack there")
     assert pack.NODE_CLASS_MAPPINGS == {} and pack.NODE_DISPLAY_NAME_MAPPINGS == {}
     web = (ROOT / pack.WEB_DIRECTORY).resolve()
     assert (web / "seqlora.js").is_file()
