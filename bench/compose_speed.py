@@ -43,7 +43,10 @@ def main() -> None:
     ap.add_argument("--concepts", type=int, default=101)
     ap.add_argument("--latent", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     latent = args.latent or (64 if device == "cuda" else 16)
     unet = sd15_unet(args.full, device).eval().requires_grad_(False)
