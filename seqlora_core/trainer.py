@@ -240,11 +240,10 @@ def _run_stats(
 class _Run:
     """State of one concept's training (built once, stepped, checkpointed)."""
 
-    def __init__(self, model, loss_fn, batches, cfg: TrainConfig, method: Method, bank: ConceptBank, cb):
+    def __init__(self, model, loss_fn, batches, cfg: TrainConfig, method: Method, bank: ConceptBank):
         self.model, self.loss_fn, self.batches, self.cfg, self.method, self.bank = (
             model, loss_fn, batches, cfg, method, bank,
         )
-        self.cb = cb
         self.device = _device_of(model)
         self.groups: list[Group] = []
         self.step = 0
@@ -253,62 +252,51 @@ class _Run:
         self.last_interference: tuple | None = None
 
     # ---- setup -------------------------------------------------------------------------------
+    def init_layer(self, spec: LayerSpec, moment: torch.Tensor, slot: int, gen: torch.Generator) -> tuple:
+        """(A, Q, F_old, F_self, soft) of one layer at the start of training, by the method's rules."""
+        cfg, method, bank, r, n = self.cfg, self.method, self.bank, self.cfg.rank, spec.in_features
+        if method.basis == "frozen_slot":
+            a, soft = bs.frozen_slot(n, r, slot, int(bank.meta.get("ortho_seed", 0)))
+            return a, None, None, None, soft
+        if not method.constrained:
+            return bs.kaiming_rows(n, r, gen), None, None, None, False
+        f_self = sketch_moment(moment, max(cfg.sketch_rank, r), 1.0).factor
+        earlier = [c.layers[spec.name].A.float() for c in bank.concepts]
+        q = bs.span_basis([a for a, c in zip(earlier, bank.concepts, strict=True) if not c.layers[spec.name].soft], n)
+        s_old = _earlier_moment(bank, spec.name, n)
+        soft = n - cfg.reserve - q.shape[1] < r
+        if soft:
+            # a full layer: no hard projection; steer the basis away from every earlier basis instead
+            every = bs.span_basis(earlier, n).double()
+            s_old = s_old + (float(torch.trace(s_old)) / n or 1.0) * (every @ every.T)
+            q = None
+        a = bs.generalized_eigen_basis(f_self, s_old, r, q)
+        f_old = _factor_of(s_old, cfg.penalty_rank) if float(torch.trace(s_old)) > 0 else None
+        return a, q, f_old, f_self, soft
+
     def build_groups(self, pre: dict[str, torch.Tensor]) -> None:
-        cfg, method, bank = self.cfg, self.method, self.bank
-        r = cfg.rank
+        """Initial factors of every layer, stacked per (m, n) shape."""
         by_shape: dict[tuple, list[LayerSpec]] = {}
-        for spec in bank.layers:
+        for spec in self.bank.layers:
             by_shape.setdefault((spec.out_features, spec.in_features), []).append(spec)
-        gen = torch.Generator().manual_seed(cfg.seed)
-        slot = sum(1 for c in bank.concepts if c.method == "ortho_frozen")
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        slot = sum(1 for c in self.bank.concepts if c.method == "ortho_frozen")
+        dev, r = self.device, self.cfg.rank
+
+        def stacked(mats: list, n: int) -> torch.Tensor | None:
+            t = _pad_cols(mats, n)
+            return None if t is None else t.to(dev)
+
         for (m, n), specs in by_shape.items():
-            a_list, q_list, fo_list, fs_list, soft = [], [], [], [], []
-            for spec in specs:
-                name = spec.name
-                f_self = sketch_moment(pre[name], max(cfg.sketch_rank, r), 1.0).factor if method.constrained else None
-                q, is_soft = None, False
-                f_old = None
-                if method.constrained:
-                    earlier = [c.layers[name].A.float() for c in bank.concepts if not c.layers[name].soft]
-                    q = bs.span_basis(earlier, n)
-                    free = n - cfg.reserve - q.shape[1]
-                    s_old = _earlier_moment(bank, name, n)
-                    if free < r:
-                        is_soft = True
-                        # full layer: no hard projection; steer the basis away from earlier bases too
-                        all_earlier = bs.span_basis([c.layers[name].A.float() for c in bank.concepts], n)
-                        level = float(torch.trace(s_old)) / n or 1.0
-                        s_old = s_old + level * (all_earlier.double() @ all_earlier.double().T)
-                        q = None
-                    a = bs.generalized_eigen_basis(f_self, s_old, r, q)
-                    f_old = _factor_of(s_old, cfg.penalty_rank) if float(torch.trace(s_old)) > 0 else None
-                elif method.basis == "frozen_slot":
-                    a, is_soft = bs.frozen_slot(n, r, slot, int(bank.meta.get("ortho_seed", 0)))
-                else:
-                    a = bs.kaiming_rows(n, r, gen)
-                a_list.append(a)
-                q_list.append(q)
-                fo_list.append(f_old)
-                fs_list.append(f_self)
-                soft.append(is_soft)
-            dev = self.device
-            a_t = torch.stack(a_list).to(dev)
-            b_t = torch.zeros(len(specs), m, r, device=dev)
-            q_t = _pad_cols(q_list, n)
-            fo_t = _pad_cols(fo_list, n)
-            fs_t = _pad_cols(fs_list, n)
-            g = Group(
-                specs, a_t, b_t,
-                q_t.to(dev) if q_t is not None else None,
-                fo_t.to(dev) if fo_t is not None else None,
-                fs_t.to(dev) if fs_t is not None else None,
-                soft, torch.zeros(len(specs), device=dev),
-            )
+            a, q, f_old, f_self, soft = zip(*(self.init_layer(s, pre[s.name], slot, gen) for s in specs), strict=True)
+            g = Group(list(specs), torch.stack(a).to(dev), torch.zeros(len(specs), m, r, device=dev),
+                      stacked(list(q), n), stacked(list(f_old), n), stacked(list(f_self), n), list(soft),
+                      torch.zeros(len(specs), device=dev))
             g.B.requires_grad_(True)
-            if method.basis != "frozen_slot":
+            g.opt_b = Adam(g.B)
+            if self.method.basis != "frozen_slot":
                 g.A.requires_grad_(True)
                 g.opt_a = Adam(g.A)
-            g.opt_b = Adam(g.B)
             self.groups.append(g)
 
     def attach(self, adapters: dict[str, AdapterLayer]) -> None:
@@ -521,7 +509,7 @@ def train_concept(
         pre = _run_stats(model, specs, loss_fn, batches, config.stats_batches, config.precision)
         timings["concept_stats_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        run = _Run(model, loss_fn, batches, config, method, bank, cb)
+        run = _Run(model, loss_fn, batches, config, method, bank)
         run.build_groups({k: v.cpu() for k, v in pre.items()})
         timings["basis_init_s"] = time.perf_counter() - t
         adapters = inject(model, specs)
