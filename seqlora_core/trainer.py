@@ -33,6 +33,7 @@ from .targets import LayerSpec, find_targets
 
 log = logging.getLogger("seqlora")
 
+REPROJECT_EVERY = 10
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 BatchFn = Callable[[int], Any]
 
@@ -377,14 +378,21 @@ class _Run:
         return value
 
     def _riemannian_step(self, g: Group) -> None:
-        """G -> G P -> Stiefel tangent -> Adam direction -> step -> project on P -> QR retraction."""
+        """G P -> Stiefel tangent -> Adam direction -> P and tangent again -> step -> QR retraction.
+
+        Each projection onto the complement of earlier bases costs O(r n K). The gradient and the direction
+        are projected every step (Adam's moments must only see feasible directions); the iterate, which the
+        step keeps in the complement up to round-off, is re-projected every ``REPROJECT_EVERY`` steps and
+        at the last one.
+        """
         if g.A.grad is None:
             return
-        grad = bs.stiefel_tangent(bs.project_out(g.A.grad, g.q), g.A)
-        d = g.opt_a.direction(grad)
+        d = g.opt_a.direction(bs.stiefel_tangent(bs.project_out(g.A.grad, g.q), g.A))
         d = bs.stiefel_tangent(bs.project_out(d, g.q), g.A)
-        new = bs.retract(g.A - self.cfg.rho * self.cfg.lr * d, g.q)
-        g.A.copy_(new)
+        new = g.A - self.cfg.rho * self.cfg.lr * d
+        if (self.step + 1) % REPROJECT_EVERY == 0 or self.step + 1 >= self.cfg.steps:
+            new = bs.project_out(new, g.q)
+        g.A.copy_(bs.orthonormal_rows(new))
 
     def interference_now(self, fresh: bool = False) -> tuple[float, float]:
         """(sum_l R_old / sum_l R_self, mean lambda); from the last step unless ``fresh``."""
