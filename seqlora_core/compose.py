@@ -21,17 +21,6 @@ def resolve_strengths(bank: ConceptBank, selection: Mapping[str, float] | Sequen
     return {n: float(s) for n, s in chosen.items()}
 
 
-def summed_delta(bank: ConceptBank, layer: str, strengths: Mapping[str, float]) -> torch.Tensor | None:
-    """sum_t s_t B_t A_t at one layer (fp32), or None when nothing is selected."""
-    total = None
-    for name, s in strengths.items():
-        if s == 0:
-            continue
-        d = bank.concept(name).delta(layer) * s
-        total = d if total is None else total + d
-    return total
-
-
 def stacked_factors(
     bank: ConceptBank, layer: str, strengths: Mapping[str, float]
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -42,6 +31,12 @@ def stacked_factors(
     a = torch.cat([cl.A.float() for cl, _ in parts], 0)
     b = torch.cat([cl.B.float() * s for cl, s in parts], 1)
     return a, b
+
+
+def summed_delta(bank: ConceptBank, layer: str, strengths: Mapping[str, float]) -> torch.Tensor | None:
+    """sum_t s_t B_t A_t at one layer (fp32) as one product of the stacked factors, or None."""
+    pair = stacked_factors(bank, layer, strengths)
+    return None if pair is None else pair[1] @ pair[0]
 
 
 class Composition:
