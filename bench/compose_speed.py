@@ -80,7 +80,8 @@ def main() -> None:
                 timed(lambda: compose(unet, bank, [bank.names()[0]], "merged").remove()))
             rows.setdefault("load + fuse 1 LoRA (diffusers)", []).append(timed(diffusers_one))
             unet.unfuse_lora()
-            unet.delete_adapters("one")
+            unet.unload_lora()  # back to plain Linear layers
+            assert type(unet.get_submodule(bank.layers[0].name)) is torch.nn.Linear
             rows.setdefault("sampling step, nothing applied", []).append(timed(step))
     med = {k: statistics.median(v) for k, v in rows.items()}
     print(f"SD1.5-width UNet ({'full' if args.full else 'one layer per block'}), {device}, latent {latent}, batch 2 "
