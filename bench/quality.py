@@ -28,11 +28,8 @@ import numpy as np
 import torch
 from _common import RESULTS, write_result
 
-from seqlora_core import TrainConfig, build_report, compose, train_concept
-from seqlora_core.dataset import ConceptDataset
-from seqlora_core.diffusers_backend import DiffusersConceptData, diffusion_loss
-from seqlora_core.evaluate import EvalSettings, concept_identity, pair_identity, sample
-from seqlora_core.toy.concepts import trigger_word, write_concept_folder
+from seqlora_core import build_report, compose
+from seqlora_core.evaluate import EvalSettings, concept_identity, learn_toy_concept, pair_identity, sample
 from seqlora_core.toy.identity import N_IDENTITY
 from seqlora_core.toy.model import load_toy_pipeline
 
@@ -78,21 +75,13 @@ def concept_ids(n: int, seed: int) -> list[int]:
 
 def run(method: str, n: int, seed: int, steps: int, ev: EvalSettings, data_dir: Path, lr: float) -> dict:
     pipe = load_toy_pipeline()
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     base_images = sample(pipe, PRIOR_PROMPTS, ev)
     bank = None
     matrix: list[list[float | None]] = []
     per_concept = []
     for t, k in enumerate(concept_ids(n, seed)):
-        folder = data_dir / f"{k}_{seed}"
-        if not folder.exists():
-            write_concept_folder(k, folder, n=8, seed=seed)
-        data = DiffusersConceptData(pipe, ConceptDataset.from_folder(folder, trigger_word(k), resolution=size),
-                                    batch_size=4, seed=seed)
-        cfg = TrainConfig(name=trigger_word(k), triggers=[trigger_word(k)], method=method, rank=4, steps=steps,
-                          lr=lr, seed=seed, layer_naming="diffusers", architecture="toy")
         with PeakRSS() as mem:
-            bank = train_concept(pipe.unet, diffusion_loss, data.batches, cfg, bank, data.prior_batches)
+            bank = learn_toy_concept(pipe, bank, k, data_dir / f"{k}_{seed}", method, steps, lr, seed)
         c = bank.concepts[-1]
         per_concept.append({"name": c.name, "train_s": c.timings["total_s"], "peak_rss": mem.peak,
                             "upper_s": c.timings.get("upper_s", 0.0)})

@@ -24,11 +24,8 @@ import torch
 from _common import write_result
 from quality import PeakRSS
 
-from seqlora_core import TrainConfig, build_report, compose, train_concept
-from seqlora_core.dataset import ConceptDataset
-from seqlora_core.diffusers_backend import DiffusersConceptData, diffusion_loss
-from seqlora_core.evaluate import EvalSettings, concept_identity, toy_id
-from seqlora_core.toy.concepts import trigger_word, write_concept_folder
+from seqlora_core import build_report, compose
+from seqlora_core.evaluate import EvalSettings, concept_identity, learn_toy_concept, toy_id
 from seqlora_core.toy.model import load_toy_pipeline
 
 
@@ -53,19 +50,11 @@ def snapshot(pipe, bank, tmp: Path) -> dict:
 
 def run(method: str, n: int, steps: int, every: int, seed: int, tmp: Path) -> dict:
     pipe = load_toy_pipeline()
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     order = random.Random(seed).sample(range(n), n)
     bank, snaps, rss = None, [], []
     for t, k in enumerate(order):
-        folder = tmp / f"c{k}"
-        if not folder.exists():
-            write_concept_folder(k, folder, n=6, seed=seed)
-        data = DiffusersConceptData(pipe, ConceptDataset.from_folder(folder, trigger_word(k), resolution=size),
-                                    batch_size=4, seed=seed)
-        cfg = TrainConfig(name=trigger_word(k), triggers=[trigger_word(k)], method=method, rank=4, steps=steps,
-                          lr=3e-3, seed=seed, stats_batches=2, layer_naming="diffusers", architecture="toy")
         with PeakRSS() as mem:
-            bank = train_concept(pipe.unet, diffusion_loss, data.batches, cfg, bank, data.prior_batches)
+            bank = learn_toy_concept(pipe, bank, k, tmp / f"c{k}", method, steps, 3e-3, seed, images=6, stats_batches=2)
         rss.append(mem.peak)
         if (t + 1) % every == 0 or t + 1 == n:
             s = snapshot(pipe, bank, tmp)

@@ -14,13 +14,11 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from .dataset import ConceptDataset
-from .diffusers_backend import DiffusersConceptData, diffusion_loss
-from .evaluate import EvalSettings, concept_identity, pair_identity
+from .evaluate import EvalSettings, concept_identity, learn_toy_concept, pair_identity
 from .report import build_report, write_heatmap_png
-from .toy.concepts import trigger_word, write_concept_folder
+from .toy.concepts import trigger_word
 from .toy.model import load_toy_pipeline
-from .trainer import TrainCallbacks, TrainConfig, train_concept
+from .trainer import TrainCallbacks
 
 DEMO_STEPS = 150
 DEMO_LR = 3e-3
@@ -29,21 +27,14 @@ DEMO_IMAGES = 8
 
 def _train_one(pipe, bank, k: int, out: Path, steps: int, seed: int, quiet: bool):
     trigger = trigger_word(k)
-    folder = out / "concepts" / trigger
-    write_concept_folder(k, folder, n=DEMO_IMAGES, seed=seed)
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    data = DiffusersConceptData(pipe, ConceptDataset.from_folder(folder, trigger, resolution=size), batch_size=4,
-                                seed=seed)
-    cfg = TrainConfig(name=trigger, triggers=[trigger], rank=4, steps=steps, lr=DEMO_LR, seed=seed,
-                      layer_naming="diffusers", architecture="toy")
     bar = tqdm(total=steps, desc=f"concept {k + 1} '{trigger}'", unit="step", disable=quiet, leave=True)
 
     def on_step(info) -> None:
         bar.update(info.step - bar.n)
         bar.set_postfix(loss=f"{info.loss:.3f}", interference=f"{info.interference:.3f}", refresh=False)
 
-    bank = train_concept(pipe.unet, diffusion_loss, data.batches, cfg, bank, data.prior_batches,
-                         TrainCallbacks(on_step=on_step))
+    bank = learn_toy_concept(pipe, bank, k, out / "concepts" / trigger, steps=steps, lr=DEMO_LR, seed=seed,
+                             images=DEMO_IMAGES, callbacks=TrainCallbacks(on_step=on_step))
     bar.close()
     return bank
 

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from PIL import Image
 
 from .bank import Concept, ConceptBank
 from .compose import compose
-from .toy.concepts import trigger_words
+from .dataset import ConceptDataset
+from .diffusers_backend import DiffusersConceptData, diffusion_loss
+from .toy.concepts import trigger_word, trigger_words, write_concept_folder
 from .toy.identity import N_IDENTITY, identity_probs
+from .trainer import TrainCallbacks, TrainConfig, train_concept
 
 PROMPT = "a photo of {t}"
 PAIR_PROMPT = "{a} on the left and {b} on the right"
@@ -34,6 +38,21 @@ def toy_id(concept: Concept) -> int | None:
         if t in words and words.index(t) < N_IDENTITY:
             return words.index(t)
     return None
+
+
+def learn_toy_concept(pipe, bank: ConceptBank | None, k: int, folder: Path, method: str = "seqlora",
+                      steps: int = 150, lr: float = 3e-3, seed: int = 0, images: int = 8, stats_batches: int = 4,
+                      callbacks: TrainCallbacks | None = None) -> ConceptBank:
+    """Toy concept ``k``: write its images to ``folder`` (if absent), learn it into ``bank``, return the new bank."""
+    trigger = trigger_word(k)
+    if not folder.exists():
+        write_concept_folder(k, folder, n=images, seed=seed)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    data = DiffusersConceptData(pipe, ConceptDataset.from_folder(folder, trigger, resolution=size), batch_size=4,
+                                seed=seed)
+    cfg = TrainConfig(name=trigger, triggers=[trigger], method=method, rank=4, steps=steps, lr=lr, seed=seed,
+                      stats_batches=stats_batches, layer_naming="diffusers", architecture="toy")
+    return train_concept(pipe.unet, diffusion_loss, data.batches, cfg, bank, data.prior_batches, callbacks)
 
 
 @torch.no_grad()
