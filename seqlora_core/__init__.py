@@ -19,7 +19,7 @@ from .compose import Composition, compose
 from .methods import METHODS, get_method
 from .report import build_report, write_heatmap_png
 from .targets import PRESETS, LayerSpec, find_targets
-from .trainer import StepInfo, TrainCallbacks, TrainConfig, TrainingCancelled, cycle, train_concept
+from .trainer import StepInfo, TrainCallbacks, TrainConfig, TrainingCancelled, train_concept
 
 __all__ = [
     "METHODS",
@@ -40,7 +40,6 @@ __all__ = [
     "TrainingCancelled",
     "build_report",
     "compose",
-    "cycle",
     "find_targets",
     "get_method",
     "train_concept",

@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -598,11 +598,3 @@ def _make_concept(run: _Run, final: dict[str, torch.Tensor], cfg: TrainConfig, m
     }
     return Concept(cfg.name, list(cfg.triggers), cfg.rank, cfg.method, layers, "trained",
                    [float(x) for x in run.losses], {}, info)
-
-
-def cycle(items: Iterable[Any]) -> BatchFn:
-    """A batch function over a fixed list: step -> items[step % len(items)]."""
-    items = list(items)
-    if not items:
-        raise ValueError("no batches given")
-    return lambda step: items[step % len(items)]
