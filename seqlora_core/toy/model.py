@@ -127,8 +127,12 @@ def load_toy_pipeline(weights_dir: str | Path | None = None, device: str | torch
     path = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
     if not (path / "model_index.json").is_file():
         raise FileNotFoundError(f"no toy weights in {path}; run `python -m seqlora_core.toy.pretrain`")
-    pipe = StableDiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True,
-                                                   safety_checker=None, feature_extractor=None,
-                                                   requires_safety_checker=False)
+    import diffusers
+
+    version = tuple(int(x) for x in diffusers.__version__.split(".")[:2])
+    dtype_kw = {"dtype" if version >= (0, 42) else "torch_dtype": dtype}  # renamed in diffusers 0.42
+    pipe = StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True, safety_checker=None,
+                                                   feature_extractor=None, requires_safety_checker=False,
+                                                   **dtype_kw)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
