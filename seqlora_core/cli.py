@@ -104,7 +104,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     bank = ConceptBank.load(args.bank)
     rep = build_report(bank)
     if args.base == "toy" and args.identity:
-        from .evaluate import identity_report
+        from .toy.identity import identity_report
 
         rep["identity"] = identity_report(_load_base("toy"), bank)
     if args.png:

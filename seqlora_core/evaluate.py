@@ -13,8 +13,8 @@ from .bank import Concept, ConceptBank
 from .compose import compose
 from .dataset import ConceptDataset
 from .diffusers_backend import DiffusersConceptData, diffusion_loss
-from .toy.concepts import trigger_word, trigger_words, write_concept_folder
-from .toy.identity import N_IDENTITY, identity_probs
+from .toy.concepts import trigger_word, write_concept_folder
+from .toy.identity import N_IDENTITY, concept_id_of, identity_probs
 from .trainer import TrainCallbacks, TrainConfig, train_concept
 
 PROMPT = "a photo of {t}"
@@ -32,11 +32,11 @@ class EvalSettings:
 
 
 def toy_id(concept: Concept) -> int | None:
-    """The toy concept id behind a concept (its trigger is a reserved toy word), or None."""
-    words = trigger_words()
+    """The toy concept id behind a concept (a trigger that is a reserved toy word the CNN knows), or None."""
     for t in concept.triggers:
-        if t in words and words.index(t) < N_IDENTITY:
-            return words.index(t)
+        cid = concept_id_of(t)
+        if cid is not None and cid < N_IDENTITY:
+            return cid
     return None
 
 
@@ -121,10 +121,3 @@ def pair_identity(pipe, bank: ConceptBank, pairs: Sequence[tuple[str, str]], ev:
         sl = slice(k * ev.seeds, (k + 1) * ev.seeds)
         out.append({"pair": [a, b], "left": sum(lefts[sl]) / ev.seeds, "right": sum(rights[sl]) / ev.seeds})
     return out, images
-
-
-def identity_report(pipe, bank: ConceptBank, ev: EvalSettings | None = None) -> dict[str, float]:
-    """Every toy concept's identity with the whole bank composed (what a user of the bank gets)."""
-    names = [c.name for c in bank.concepts if toy_id(c) is not None]
-    scores, _ = concept_identity(pipe, bank, None, names, ev or EvalSettings())
-    return scores
