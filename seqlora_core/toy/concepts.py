@@ -15,18 +15,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .scenes import BACKGROUNDS, POSITION_PHRASES, POSITIONS, RESOLUTION, SUPERSAMPLE
+from .scenes import BACKGROUNDS, COLOURS, POSITION_PHRASES, POSITIONS, RESOLUTION, SUPERSAMPLE
 
-PALETTE: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40),
-    "blue": (40, 80, 230),
-    "yellow": (240, 215, 30),
-    "green": (40, 170, 60),
-    "cyan": (30, 200, 210),
-    "pink": (250, 110, 180),
-    "orange": (250, 135, 20),
-    "purple": (150, 60, 200),
-}
+# The scene colours: the toy VAE reproduces them faithfully (it renders other hues poorly).
+PALETTE: dict[str, tuple[int, int, int]] = dict(COLOURS)
 GRID = 4
 N_TRIGGERS = 200
 N_CONCEPTS = N_TRIGGERS
@@ -58,7 +50,7 @@ class ConceptSpec:
 
 
 def _colour_pair(concept_id: int) -> tuple[str, str]:
-    """Distinct ordered colour pairs for the first 56 ids (a fixed shuffle), random after."""
+    """Distinct ordered colour pairs for the first 30 ids (a fixed shuffle), random after."""
     names = list(PALETTE)
     pairs = [(a, b) for a in names for b in names if a != b]
     random.Random(12345).shuffle(pairs)
