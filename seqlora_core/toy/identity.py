@@ -2,7 +2,8 @@
 
 Classes: concepts ``0 .. N_IDENTITY-1`` and a last "none" class (base scenes and glyphs of other
 concept ids). Trained on renderings only, with blur, noise and brightness jitter so that it holds
-on generated images. ``python -m seqlora_core.toy.identity`` retrains and validates it.
+on generated images (half of the training images also pass through the toy VAE).
+``python -m seqlora_core.toy.identity`` retrains and validates it.
 """
 
 from __future__ import annotations
@@ -195,12 +196,28 @@ def validate(model: SmallCNN, seed: int = 999, n_per_concept: int = 25, n_noise:
     }
 
 
+@torch.no_grad()
+def vae_roundtrip(images: np.ndarray, batch: int = 256) -> np.ndarray:
+    """Encode and decode uint8 images with the toy VAE: the softness of generated images."""
+    from .model import load_toy_pipeline
+
+    vae = load_toy_pipeline().vae
+    out = []
+    for i in range(0, len(images), batch):
+        x = torch.from_numpy(images[i:i + batch]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        y = vae.decode(vae.encode(x).latent_dist.mean).sample
+        out.append(((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
+    return np.concatenate(out)
+
+
 def train_identity(out_dir: Path, seed: int = 0, n_per_concept: int = 400, n_none: int = 6000,
                    epochs: int = 10) -> dict:
     """Train, validate and save the identity CNN; returns the metrics."""
     t0 = time.time()
     torch.manual_seed(seed)
     x, y = identity_data(n_per_concept, n_none, seed)
+    half = np.random.default_rng(seed).random(len(x)) < 0.5
+    x[half] = vae_roundtrip(x[half])
     model = SmallCNN([N_IDENTITY + 1])
     fit(model, to_input(x), [torch.from_numpy(y)], epochs, seed)
     metrics = {"seconds": round(time.time() - t0, 1), "train_images": len(x), **validate(model)}
