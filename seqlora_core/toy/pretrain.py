@@ -133,6 +133,10 @@ def refine_vae(weights_dir: Path, n_scenes: int, steps: int, batch: int, seed: i
         rec = vae.decode(vae.encode(scenes[:256]).latent_dist.mean).sample.clamp(-1, 1)
         psnr = 10 * math.log10(4.0 / F.mse_loss(rec, scenes[:256]).item())
     vae.to(torch.float16).save_pretrained(str(weights_dir / "vae"), safe_serialization=True)
+    config_path = weights_dir / "vae" / "config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("_name_or_path", None)  # the folder it was loaded from: not part of the model
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return {"vae_refine_steps": steps, "glyph_psnr_before_db": round(10 * math.log10(4.0 / before), 2),
             "glyph_psnr_after_db": round(10 * math.log10(4.0 / after), 2), "scene_psnr_after_db": round(psnr, 2),
             "scene_latent_drift": drift}
