@@ -23,6 +23,15 @@ from seqlora_core.targets import find_targets  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def parse_args(ap):
+    """Parse a bench's arguments, adding ``--threads`` (torch threads) and applying it."""
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
+
+
 def machine() -> dict:
     """What ran the benchmark."""
     info = {

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import sd15_unet, synthetic_bank, write_result
+from _common import parse_args, sd15_unet, synthetic_bank, write_result
 
 from seqlora_core import compose
 from seqlora_core.lora_io import export_concept
@@ -43,10 +43,7 @@ def main() -> None:
     ap.add_argument("--concepts", type=int, default=101)
     ap.add_argument("--latent", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_args(ap)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     latent = args.latent or (64 if device == "cuda" else 16)
     unet = sd15_unet(args.full, device).eval().requires_grad_(False)

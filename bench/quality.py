@@ -25,8 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
-from _common import RESULTS, write_result
+from _common import RESULTS, parse_args, write_result
 
 from seqlora_core import build_report, compose
 from seqlora_core.evaluate import EvalSettings, concept_identity, learn_toy_concept, pair_identity, sample
@@ -169,10 +168,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="steps per concept (default 150; quick 100)")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--tag", default=None, help="result file name (default quality or quality_quick)")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_args(ap)
     ns = [int(x) for x in (args.n or ("4,8" if args.quick else "4,8,16,32")).split(",")]
     seeds = [int(x) for x in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
     steps = args.steps or (100 if args.quick else 150)

@@ -20,8 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-from _common import write_result
+from _common import parse_args, write_result
 from quality import PeakRSS
 
 from seqlora_core import build_report, compose
@@ -78,10 +77,7 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=10)
     ap.add_argument("--methods", default="seqlora,ortho_frozen,fusion")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None)
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_args(ap)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods.split(","):

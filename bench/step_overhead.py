@@ -18,7 +18,7 @@ import statistics
 import time
 
 import torch
-from _common import sd15_unet, synthetic_bank, write_result
+from _common import parse_args, sd15_unet, synthetic_bank, write_result
 
 from seqlora_core import TrainCallbacks, TrainConfig, train_concept
 
@@ -67,10 +67,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5, help="steps per timed run (the first is warm-up)")
     ap.add_argument("--repeats", type=int, default=2, help="interleaved repeats of every (bank, method)")
     ap.add_argument("--banks", default="0,10,100", help="concept counts in the bank")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_args(ap)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     latent = args.latent or (64 if device == "cuda" else 16)
     unet = sd15_unet(args.full, device)
