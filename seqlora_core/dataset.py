@@ -177,7 +177,7 @@ class ConceptDataset:
         return ds
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.pixels_u8)
 
     def __getitem__(self, i: int) -> dict:
         return {"pixels": self.pixels(i), "caption": self.captions[i], "prior_caption": self.prior_captions[i]}

@@ -296,7 +296,8 @@ def _encode_images(pipe: Any, dataset: ConceptDataset) -> tuple[list[torch.Tenso
             dist = vae.encode(px).latent_dist
             mean = ((dist.mean.float() - shift) * scale)[0].cpu()
             if not torch.isfinite(mean).all():
-                raise FloatingPointError(f"VAE produced non-finite latents for {dataset.paths[i]}: use an fp32 VAE")
+                where = dataset.paths[i] if i < len(dataset.paths) else f"image {i}"
+                raise FloatingPointError(f"VAE produced non-finite latents for {where}: use an fp32 VAE")
             means.append(mean)
             stds.append((dist.std.float() * scale)[0].cpu())
     finally:

@@ -15,6 +15,7 @@ from .dataset import ConceptDataset
 from .diffusers_backend import DiffusersConceptData, diffusion_loss
 from .toy.concepts import trigger_word, write_concept_folder
 from .toy.identity import N_IDENTITY, concept_id_of, identity_probs
+from .toy.scenes import scene_dataset
 from .trainer import TrainCallbacks, TrainConfig, train_concept
 
 PROMPT = "a photo of {t}"
@@ -42,17 +43,38 @@ def toy_id(concept: Concept) -> int | None:
 
 def learn_toy_concept(pipe, bank: ConceptBank | None, k: int, folder: Path, method: str = "seqlora",
                       steps: int = 150, lr: float = 3e-3, seed: int = 0, images: int = 8, stats_batches: int = 4,
-                      callbacks: TrainCallbacks | None = None) -> ConceptBank:
-    """Toy concept ``k``: write its images to ``folder`` (if absent), learn it into ``bank``, return the new bank."""
+                      callbacks: TrainCallbacks | None = None, batch_size: int = 4, **config) -> ConceptBank:
+    """Toy concept ``k``: write its images to ``folder`` (if absent), learn it into ``bank``, return the new bank.
+
+    ``config`` overrides further ``TrainConfig`` fields (``rank``, ``targets``, ``rho``, ...)."""
     trigger = trigger_word(k)
     if not folder.exists():
         write_concept_folder(k, folder, n=images, seed=seed)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    data = DiffusersConceptData(pipe, ConceptDataset.from_folder(folder, trigger, resolution=size), batch_size=4,
+    data = DiffusersConceptData(pipe, ConceptDataset.from_folder(folder, trigger, resolution=size),
+                                batch_size=batch_size,
                                 seed=seed)
-    cfg = TrainConfig(name=trigger, triggers=[trigger], method=method, rank=4, steps=steps, lr=lr, seed=seed,
-                      stats_batches=stats_batches, layer_naming="diffusers", architecture="toy")
-    return train_concept(pipe.unet, diffusion_loss, data.batches, cfg, bank, data.prior_batches, callbacks)
+    settings = dict(rank=4, stats_batches=stats_batches, layer_naming="diffusers", architecture="toy") | config
+    cfg = TrainConfig(name=trigger, triggers=[trigger], method=method, steps=steps, lr=lr, seed=seed, **settings)
+    prior = toy_prior_data(pipe, seed=seed)
+    return train_concept(pipe.unet, diffusion_loss, data.batches, cfg, bank, prior.batches, callbacks)
+
+
+def toy_prior_data(pipe, n: int = 32, seed: int = 0) -> DiffusersConceptData:
+    """The base world's own scenes and prompts (every fourth one empty, as classifier-free guidance asks
+    for it): what "the model without any concept" must keep doing.
+
+    Their statistics become concept 0 of a new bank (prior preservation); a concept's own images with
+    the trigger removed would not do, because at layers that see image features they look like the concept.
+    """
+    images, prompts, _ = scene_dataset(n, seed=10_000 + seed)
+    prompts = ["" if i % 4 == 3 else p for i, p in enumerate(prompts)]  # the empty prompt: guidance's other half
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    ds = ConceptDataset(trigger="", resolution=size, resize="center_crop",
+                        pixels_u8=[torch.from_numpy(im).permute(2, 0, 1).contiguous() for im in images],
+                        captions=list(prompts), prior_captions=list(prompts), repeats=[1] * n,
+                        original_sizes=[(size, size)] * n, crops_top_left=[(0, 0)] * n)
+    return DiffusersConceptData(pipe, ds, batch_size=4, seed=seed)
 
 
 @torch.no_grad()

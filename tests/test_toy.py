@@ -116,3 +116,19 @@ def test_identity_classifier_validated():
     assert identity_scores(noise, targets).mean() < 0.1
     with pytest.raises(ValueError):
         identity_scores(noise[:2], [0, N_IDENTITY])
+
+
+def test_toy_prior_is_the_base_worlds_own_scenes(pipe, tmp_path):
+    from seqlora_core.evaluate import learn_toy_concept, toy_prior_data
+
+    data = toy_prior_data(pipe, n=8)
+    batch = data.batches(0)
+    assert batch["latents"].shape == (4, 4, 16, 16)
+    vocab = set(vocabulary())
+    for caption in batch["captions"]:  # scene prompts: base words only, never a trigger
+        assert set(caption.replace(",", " ").split()) <= vocab
+        assert not any(w.startswith("zq") for w in caption.split())
+    bank = learn_toy_concept(pipe, None, 0, tmp_path / "c", steps=2, images=5, stats_batches=1)
+    prior = bank.prior[bank.layers[0].name]
+    own = bank.concepts[0].layers[bank.layers[0].name].sketch
+    assert prior is not None and own is not None and not torch.allclose(prior.factor, own.factor)
