@@ -60,6 +60,7 @@ class TrainConfig:
     lr: float = 1e-4
     rho: float = 0.1
     weight_decay: float = 0.0  # gamma of the lower level
+    prior_loss_weight: float = 0.0  # > 0: add this times the loss on ``prior_batches`` (prior preservation)
     budget: float = 0.05  # eps: sum_j R(t->j) <= eps * R(t->t)
     dual_lr: float = 1.0  # eta_lambda
     dual_every: int = 10  # K
@@ -88,6 +89,8 @@ class TrainConfig:
             raise ValueError(f"steps: {self.steps}; use at least 1")
         if not self.lr > 0:
             raise ValueError(f"lr: {self.lr}; the learning rate must be positive")
+        if self.prior_loss_weight < 0:
+            raise ValueError(f"prior_loss_weight: {self.prior_loss_weight}; use 0 (off) or a positive weight")
         if self.budget < 0:
             raise ValueError(f"budget: {self.budget}; the interference budget must be >= 0")
         if self.context not in (None, "stacked", "base"):
@@ -241,10 +244,12 @@ def _run_stats(
 class _Run:
     """State of one concept's training (built once, stepped, checkpointed)."""
 
-    def __init__(self, model, loss_fn, batches, cfg: TrainConfig, method: Method, bank: ConceptBank):
+    def __init__(self, model, loss_fn, batches, cfg: TrainConfig, method: Method, bank: ConceptBank,
+                 prior_batches: BatchFn | None = None):
         self.model, self.loss_fn, self.batches, self.cfg, self.method, self.bank = (
             model, loss_fn, batches, cfg, method, bank,
         )
+        self.prior_batches = prior_batches
         self.device = _device_of(model)
         self.groups: list[Group] = []
         self.step = 0
@@ -322,11 +327,14 @@ class _Run:
                 g.A.grad = None
         with _autocast(self.device, cfg.precision):
             loss = self.loss_fn(self.model, self.batches(self.step))
-        if not torch.isfinite(loss):
+            total = loss
+            if cfg.prior_loss_weight > 0 and self.prior_batches is not None:
+                total = loss + cfg.prior_loss_weight * self.loss_fn(self.model, self.prior_batches(self.step))
+        if not torch.isfinite(total):
             raise FloatingPointError(
                 f"loss is {float(loss)} at step {self.step}; lower the learning rate (now {cfg.lr})"
             )
-        loss.backward()
+        total.backward()
         t1 = time.perf_counter()
         # upper level: the basis
         if method.constrained:
@@ -480,9 +488,12 @@ def train_concept(
     """Learn one concept and return a new bank with it appended (``bank`` itself is not changed).
 
     ``prior_batches`` (trigger-free prompts) feed the base model's statistics (concept 0) the first time;
-    without it the concept's own batches are used. The model is left exactly as it was found.
+    without it the concept's own batches are used. With ``config.prior_loss_weight > 0`` their denoising
+    loss is also added to every step's loss (DreamBooth-style prior preservation; needs ``prior_batches``). The model is left exactly as it was found.
     """
     method = config.validate()
+    if config.prior_loss_weight > 0 and prior_batches is None:
+        raise ValueError("prior_loss_weight > 0 needs prior_batches (trigger-free prompts); pass them or set it to 0")
     cb = callbacks or TrainCallbacks()
     bank = _resolve_layers(model, bank, config)
     specs = bank.layers
@@ -517,7 +528,7 @@ def train_concept(
         pre = _run_stats(model, specs, loss_fn, batches, config.stats_batches, config.precision)
         timings["concept_stats_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        run = _Run(model, loss_fn, batches, config, method, bank)
+        run = _Run(model, loss_fn, batches, config, method, bank, prior_batches)
         run.build_groups({k: v.cpu() for k, v in pre.items()})
         timings["basis_init_s"] = time.perf_counter() - t
         adapters = inject(model, specs)

@@ -222,3 +222,33 @@ def test_gradient_checkpointing_gives_the_same_concept():
     for name, cl in plain.concepts[0].layers.items():
         other = ckpt.concepts[0].layers[name]
         assert torch.allclose(cl.B, other.B, atol=1e-6), name
+
+
+def test_prior_loss_keeps_trigger_free_outputs_closer_to_the_base():
+    unet = tiny_unet()
+    c = ToyConcept(0)
+    g = torch.Generator().manual_seed(5)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([300, 700])
+    text = c.prior_text.expand(2, -1, -1)
+    with torch.no_grad():
+        base = unet(x, t, encoder_hidden_states=text).sample
+    prior = {"x": x, "t": t, "text": text, "target": base}  # the base model is optimal on its prior
+
+    def loss(model, batch):
+        if "target" in batch:
+            out = model(batch["x"], batch["t"], encoder_hidden_states=batch["text"]).sample
+            return torch.nn.functional.mse_loss(out, batch["target"])
+        return denoise_loss(model, batch)
+
+    def prior_change(bank):
+        with torch.no_grad(), compose(unet, bank, None, "merged"):
+            return float(loss(unet, prior))
+
+    changes = {}
+    for weight in (0.0, 4.0):
+        cfg = TrainConfig(name="c0", triggers=["tok0"], rank=4, steps=30, lr=1e-2, stats_batches=2,
+                          prior_loss_weight=weight)
+        changes[weight] = prior_change(train_concept(unet, loss, c.batches(), cfg, None, lambda step: prior))
+    assert changes[4.0] < 0.7 * changes[0.0], changes  # measured 0.46x
+    with pytest.raises(ValueError, match="prior_loss_weight > 0 needs prior_batches"):
+        train_concept(unet, loss, c.batches(), TrainConfig(name="x", prior_loss_weight=1.0, steps=1))
