@@ -111,3 +111,16 @@ def _random_sketch(n: int, k: int, g: torch.Generator) -> Sketch:
     u, _ = torch.linalg.qr(torch.randn(n, k, generator=g))
     s = torch.rand(k, generator=g).sort(descending=True).values + 0.1
     return Sketch(u.contiguous(), s.contiguous(), float(s.sum()) * 1.01)
+
+
+def update_readme(tag: str, markdown: str) -> bool:
+    """Replace the README's text between ``<!-- bench:TAG -->`` and ``<!-- /bench:TAG -->``; False if absent."""
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    start, end = f"<!-- bench:{tag} -->", f"<!-- /bench:{tag} -->"
+    if start not in text or end not in text:
+        return False
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{start}\n{markdown.strip()}\n{end}{tail}")
+    return True

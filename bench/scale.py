@@ -7,24 +7,32 @@ that is the least-squares fusion, whose n x n moments per concept and layer are 
 the identity of every concept the identity CNN knows (ids < 32, spread through the sequence) with all
 101 composed.
 
-    python bench/scale.py                 # 101 concepts, 40 steps each
+    python bench/scale.py                 # 101 concepts, 20 steps each
     python bench/scale.py --concepts 30   # shorter
+    python bench/scale.py --methods fusion --tag scale_fusion   # one method per process, then
+    python bench/scale.py --tag scale_101 --combine scale_seqlora,scale_fusion
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from _common import parse_args, write_result
+import torch
+from _common import RESULTS, parse_args, sd15_unet, update_readme, write_result
+from plots import line_chart
 from quality import PeakRSS
 
 from seqlora_core import build_report, compose
+from seqlora_core.demo import DEMO_LR as LR
+from seqlora_core.demo import DEMO_TRAIN as TRAIN
 from seqlora_core.evaluate import EvalSettings, concept_identity, learn_toy_concept, toy_id
+from seqlora_core.targets import find_targets
 from seqlora_core.toy.model import load_toy_pipeline
 
 
@@ -47,13 +55,22 @@ def snapshot(pipe, bank, tmp: Path) -> dict:
     }
 
 
+def sd15_moment_bytes_per_concept(targets: str = "attn") -> int:
+    """Bytes of the n x n fp32 input moments `fusion` keeps per concept on SD1.5's own layer shapes
+    (counted from the layers of an SD1.5-config UNet built on the meta device, so no weights are made)."""
+    with torch.device("meta"):
+        unet = sd15_unet(full=True, device="meta")
+    return sum(spec.in_features ** 2 * 4 for spec in find_targets(unet, targets))
+
+
 def run(method: str, n: int, steps: int, every: int, seed: int, tmp: Path) -> dict:
     pipe = load_toy_pipeline()
     order = random.Random(seed).sample(range(n), n)
     bank, snaps, rss = None, [], []
     for t, k in enumerate(order):
         with PeakRSS() as mem:
-            bank = learn_toy_concept(pipe, bank, k, tmp / f"c{k}", method, steps, 3e-3, seed, images=6, stats_batches=2)
+            bank = learn_toy_concept(pipe, bank, k, tmp / f"c{k}", method, steps, LR, seed, images=6, stats_batches=2,
+                                     **TRAIN)
         rss.append(mem.peak)
         if (t + 1) % every == 0 or t + 1 == n:
             s = snapshot(pipe, bank, tmp)
@@ -70,21 +87,70 @@ def run(method: str, n: int, steps: int, every: int, seed: int, tmp: Path) -> di
             "scored_concepts": len(scorable), "identity": scores}
 
 
+def table(results: list[dict]) -> str:
+    """Markdown: one row per method and snapshot."""
+    lines = ["| method | concepts | bank on disk MiB | peak RSS training MiB | compose s | peak RSS composing MiB "
+             "| capacity used (max / mean) | layers soft | stored moments MiB |", "|---" * 9 + "|"]
+    for r in results:
+        for s in r["snapshots"]:
+            lines.append(f"| {r['method']} | {s['concepts']} | {s['bank_bytes'] / 2**20:.1f} | "
+                         f"{s['train_peak_rss'] / 2**20:.0f} | {s['compose_s']:.3f} | "
+                         f"{s['compose_peak_rss'] / 2**20:.0f} | "
+                         f"{s['capacity_used_max']:.2f} / {s['capacity_used_mean']:.2f} | {s['soft_layers']} | "
+                         f"{s['moment_bytes'] / 2**20:.1f} |")
+    lines.append("")
+    lines.append("| method | final identity, all composed (concepts scored) |")
+    lines.append("|---|---|")
+    for r in results:
+        lines.append(f"| {r['method']} | {r['final_identity']:.3f} ({r['scored_concepts']}) |")
+    return "\n".join(lines)
+
+
+def plots(results: list[dict], prefix: Path) -> list[Path]:
+    out = []
+    for key, label in (("train_peak_rss", "peak RSS while training (MiB)"), ("bank_bytes", "bank on disk (MiB)"),
+                       ("compose_peak_rss", "peak RSS while composing (MiB)")):
+        series = {r["method"]: [(s["concepts"], s[key] / 2**20, 0.0) for s in r["snapshots"]] for r in results}
+        out.append(line_chart(series, label, "concepts in the bank", "MiB", Path(f"{prefix}_{key}.png")))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--concepts", type=int, default=101)
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--every", type=int, default=10)
     ap.add_argument("--methods", default="seqlora,ortho_frozen,fusion")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tag", default=None, help="result file name (default scale_<concepts>)")
+    ap.add_argument("--combine", default=None, metavar="TAG,TAG",
+                    help="only merge the results of these earlier tags into --tag's table and plots")
     args = parse_args(ap)
-    results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for method in args.methods.split(","):
-            results.append(run(method, args.concepts, args.steps, args.every, args.seed, Path(tmp)))
-            print(f"{method}: final identity of {results[-1]['scored_concepts']} scorable concepts "
-                  f"{results[-1]['final_identity']:.3f}", flush=True)
-    path = write_result(f"scale_{args.concepts}", {"how": __doc__, "steps": args.steps, "results": results})
+    tag = args.tag or f"scale_{args.concepts}"
+    if args.combine:
+        results = [r for t in args.combine.split(",")
+                   for r in json.loads((RESULTS / f"{t}.json").read_text())["results"]]
+    else:
+        results = []
+        with tempfile.TemporaryDirectory() as tmp:
+            for method in args.methods.split(","):
+                results.append(run(method, args.concepts, args.steps, args.every, args.seed, Path(tmp)))
+                print(f"{method}: final identity of {results[-1]['scored_concepts']} scorable concepts "
+                      f"{results[-1]['final_identity']:.3f}", flush=True)
+    sd15 = sd15_moment_bytes_per_concept(TRAIN["targets"])
+    fusion_note = (f"`fusion` keeps an n x n input moment per concept and layer: on SD1.5's own layer shapes "
+                   f"(targets `{TRAIN['targets']}`) that is {sd15 / 2**20:.1f} MiB per concept, "
+                   f"{sd15 * args.concepts / 2**30:.2f} GiB for {args.concepts} concepts (fp32), "
+                   "against nothing for SeqLoRA.")
+    print(fusion_note)
+    path = write_result(tag, {"how": __doc__, "steps": args.steps, "train": TRAIN, "lr": LR, "results": results,
+                              "sd15_fusion_moment_bytes_per_concept": sd15})
+    md = table(results) + "\n\n" + fusion_note + "\n"
+    (RESULTS / f"{tag}.md").write_text(md)
+    for png in plots(results, RESULTS / tag):
+        print(f"wrote {png}")
+    if update_readme(tag, md):
+        print(f"updated the README's {tag} table")
     print(f"wrote {path}")
 
 
