@@ -80,8 +80,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         bar.set_postfix(loss=f"{info.loss:.4f}", interference=f"{info.interference:.3f}", refresh=False)
         bar.refresh()
 
+    prior = data.prior_batches
+    if args.base == "toy":  # the toy world's own scenes are its trigger-free prior
+        from .evaluate import toy_prior_data
+
+        prior = toy_prior_data(pipe, seed=args.seed).batches
     try:
-        new_bank = train_concept(pipe.unet, diffusion_loss, data.batches, cfg, bank, data.prior_batches,
+        new_bank = train_concept(pipe.unet, diffusion_loss, data.batches, cfg, bank, prior,
                                  TrainCallbacks(on_step=on_step, on_phase=lambda p: bar.set_description(p)))
     except (KeyboardInterrupt, TrainingCancelled):
         bar.close()

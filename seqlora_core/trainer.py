@@ -489,7 +489,8 @@ def train_concept(
 
     ``prior_batches`` (trigger-free prompts) feed the base model's statistics (concept 0) the first time;
     without it the concept's own batches are used. With ``config.prior_loss_weight > 0`` their denoising
-    loss is also added to every step's loss (DreamBooth-style prior preservation; needs ``prior_batches``). The model is left exactly as it was found.
+    loss is also added to every step's loss (DreamBooth-style prior preservation; needs ``prior_batches``).
+    The model is left exactly as it was found.
     """
     method = config.validate()
     if config.prior_loss_weight > 0 and prior_batches is None:
