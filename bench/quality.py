@@ -2,9 +2,10 @@
 
 For every method and number of concepts N, concepts are learned one after another (the same concept
 images and seeds for every method). After concept t is learned, the model a user would have then
-(every concept so far composed) is asked for each concept j <= t alone: M[t][j] is the identity CNN's
-probability for j. From M: final average identity (mean_j M[N-1][j]) and average forgetting
-(mean_j max_t M[t][j] - M[N-1][j]). Also pairs of concepts in one prompt (scored per image half), how
+(every concept so far composed) is asked for concept t alone, and at N = 4, 8, 16, 32 for every concept
+j <= t: M[t][j] is the identity CNN's probability for j. From M: final average identity
+(mean_j M[N-1][j]) and average forgetting (mean_j of j's best score, right after its training or at an
+earlier checkpoint, minus M[N-1][j]). Also pairs of concepts in one prompt (scored per image half), how
 far trigger-free prompts move from the base model (mean absolute pixel change, 0..1), the report's
 interference and bound, wall time per concept, peak RSS and, for `fusion`, the time and memory of fusing.
 
@@ -78,13 +79,28 @@ def concept_ids(n: int, seed: int) -> list[int]:
     return random.Random(seed).sample(range(N_IDENTITY), n)
 
 
+CHECKPOINTS = (4, 8, 16, 32)
+
+
+def average_forgetting(matrix: list[list[float | None]]) -> float:
+    """mean_j (best identity of j, right after its training or at a checkpoint) - its final identity.
+
+    Rows between checkpoints score only the newest concept, so the best is taken over the rows that score
+    every concept (the checkpoints) plus j's own row; full matrices are read the same way.
+    """
+    n = len(matrix)
+    rows = [t for t in range(n) if t + 1 in CHECKPOINTS or t + 1 == n]
+    best = [max([matrix[j][j]] + [matrix[t][j] for t in rows if t >= j and matrix[t][j] is not None])
+            for j in range(n)]
+    return statistics.mean(b - f for b, f in zip(best, matrix[-1], strict=True))
+
+
 def checkpoint(pipe, bank, method: str, seed: int, matrix: list[list[float]], per_concept: list[dict],
                base_images, ev: EvalSettings) -> dict:
     """Every measure for the model as it is after the first ``len(matrix)`` concepts."""
     n = len(matrix)
     names = bank.names()
     final = matrix[-1]
-    forgetting = [max(matrix[t][j] for t in range(j, n)) - final[j] for j in range(n)]
     pairs = [(names[i], names[i + 1]) for i in range(0, n - 1, 2)]
     t0 = time.perf_counter()
     with PeakRSS() as mem:
@@ -106,9 +122,9 @@ def checkpoint(pipe, bank, method: str, seed: int, matrix: list[list[float]], pe
         bank_bytes = (Path(tmp) / "b.safetensors").stat().st_size
     return {
         "method": method, "n": n, "seed": seed, "concepts": names,
-        "identity_matrix": [row[:j + 1] for j, row in enumerate(matrix)],
+        "identity_matrix": [row[:t + 1] for t, row in enumerate(matrix)],
         "after_own": [matrix[j][j] for j in range(n)],
-        "final_identity": statistics.mean(final), "average_forgetting": statistics.mean(forgetting),
+        "final_identity": statistics.mean(final), "average_forgetting": average_forgetting(matrix),
         "pair_identity": statistics.mean([(p["left"] + p["right"]) / 2 for p in pair_scores]) if pair_scores else None,
         "pairs": pair_scores, "prior_drift_pixels": drift,
         "mean_relative_interference": rep["mean_relative_interference"],
@@ -138,8 +154,10 @@ def run(method: str, ns: list[int], seed: int, steps: int, ev: EvalSettings, dat
         c = bank.concepts[-1]
         per_concept.append({"name": c.name, "train_s": c.timings["total_s"], "peak_rss": mem.peak,
                             "upper_s": c.timings.get("upper_s", 0.0)})
-        scores, _ = concept_identity(pipe, bank, None, bank.names(), ev)
-        matrix.append([scores[x] for x in bank.names()])
+        # every concept so far at the checkpoints; in between only the new one (its identity after training)
+        names = bank.names() if t + 1 in ns or t + 1 in CHECKPOINTS else bank.names()[-1:]
+        scores, _ = concept_identity(pipe, bank, None, names, ev)
+        matrix.append([scores.get(x) for x in bank.names()])
         if t + 1 in ns and t + 1 not in done:
             yield checkpoint(pipe, bank, method, seed, matrix, per_concept, base_images, ev)
         if all(n in done or n <= t + 1 for n in ns):
@@ -152,7 +170,8 @@ def summarise(rows: list[dict]) -> list[dict]:
             "compose_s", "fusion_moment_bytes")
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        r = r | {"mean_after_own": statistics.mean(r["after_own"])}
+        r = r | {"mean_after_own": statistics.mean(r["after_own"]),
+                 "average_forgetting": average_forgetting(r["identity_matrix"])}
         groups.setdefault((r["method"], r["n"]), []).append(r)
     out = []
     for (method, n), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], METHODS.index(kv[0][0]))):
