@@ -56,8 +56,9 @@ def learn_toy_concept(pipe, bank: ConceptBank | None, k: int, folder: Path, meth
                                 seed=seed)
     settings = dict(rank=4, stats_batches=stats_batches, layer_naming="diffusers", architecture="toy") | config
     cfg = TrainConfig(name=trigger, triggers=[trigger], method=method, steps=steps, lr=lr, seed=seed, **settings)
-    prior = toy_prior_data(pipe, seed=seed)
-    return train_concept(pipe.unet, diffusion_loss, data.batches, cfg, bank, prior.batches, callbacks)
+    needs_prior = bank is None or not bank.prior or cfg.prior_loss_weight > 0
+    prior = toy_prior_data(pipe, seed=seed).batches if needs_prior else None
+    return train_concept(pipe.unet, diffusion_loss, data.batches, cfg, bank, prior, callbacks)
 
 
 def toy_prior_data(pipe, n: int = 32, seed: int = 0) -> DiffusersConceptData:
