@@ -32,6 +32,7 @@ from seqlora_core import build_report, compose
 from seqlora_core.demo import DEMO_LR as LR
 from seqlora_core.demo import DEMO_TRAIN as TRAIN
 from seqlora_core.evaluate import EvalSettings, concept_identity, learn_toy_concept, toy_id
+from seqlora_core.methods import get_method
 from seqlora_core.targets import find_targets
 from seqlora_core.toy.model import load_toy_pipeline
 
@@ -92,11 +93,13 @@ def table(results: list[dict]) -> str:
     lines = ["| method | concepts | bank on disk MiB | peak RSS training MiB | compose s | peak RSS composing MiB "
              "| capacity used (max / mean) | layers soft | stored moments MiB |", "|---" * 9 + "|"]
     for r in results:
+        free = get_method(r["method"]).basis == "free"  # no orthogonality: capacity does not apply
         for s in r["snapshots"]:
+            capacity = "n/a" if free else f"{s['capacity_used_max']:.2f} / {s['capacity_used_mean']:.2f}"
             lines.append(f"| {r['method']} | {s['concepts']} | {s['bank_bytes'] / 2**20:.1f} | "
                          f"{s['train_peak_rss'] / 2**20:.0f} | {s['compose_s']:.3f} | "
                          f"{s['compose_peak_rss'] / 2**20:.0f} | "
-                         f"{s['capacity_used_max']:.2f} / {s['capacity_used_mean']:.2f} | {s['soft_layers']} | "
+                         f"{capacity} | {s['soft_layers'] if capacity != 'n/a' else 'n/a'} | "
                          f"{s['moment_bytes'] / 2**20:.1f} |")
     lines.append("")
     lines.append("| method | final identity, all composed (concepts scored) |")
