@@ -76,7 +76,8 @@ class PeakRSS:
 
 def concept_ids(n: int, seed: int) -> list[int]:
     """Which toy concepts a run learns (a seeded choice among those the identity CNN knows)."""
-    return random.Random(seed).sample(range(N_IDENTITY), n)
+    # a seeded order of all of them, cut at n: a shorter run learns a prefix of a longer one's concepts
+    return random.Random(seed).sample(range(N_IDENTITY), N_IDENTITY)[:n]
 
 
 CHECKPOINTS = (4, 8, 16, 32)

@@ -51,9 +51,8 @@ def learn_toy_concept(pipe, bank: ConceptBank | None, k: int, folder: Path, meth
     if not folder.exists():
         write_concept_folder(k, folder, n=images, seed=seed)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    data = DiffusersConceptData(pipe, ConceptDataset.from_folder(folder, trigger, resolution=size),
-                                batch_size=batch_size,
-                                seed=seed)
+    dataset = ConceptDataset.from_folder(folder, trigger, resolution=size)
+    data = DiffusersConceptData(pipe, dataset, batch_size=batch_size, seed=seed)
     settings = dict(rank=4, stats_batches=stats_batches, layer_naming="diffusers", architecture="toy") | config
     cfg = TrainConfig(name=trigger, triggers=[trigger], method=method, steps=steps, lr=lr, seed=seed, **settings)
     needs_prior = bank is None or not bank.prior or cfg.prior_loss_weight > 0

@@ -332,7 +332,7 @@ class _Run:
                 total = loss + cfg.prior_loss_weight * self.loss_fn(self.model, self.prior_batches(self.step))
         if not torch.isfinite(total):
             raise FloatingPointError(
-                f"loss is {float(loss)} at step {self.step}; lower the learning rate (now {cfg.lr})"
+                f"loss is {float(total)} at step {self.step}; lower the learning rate (now {cfg.lr})"
             )
         total.backward()
         t1 = time.perf_counter()
