@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -17,6 +20,7 @@ if str(ROOT) not in sys.path:
 
 from seqlora_core.bank import Concept, ConceptBank, ConceptLayer  # noqa: E402
 from seqlora_core.basis import random_orthonormal  # noqa: E402
+from seqlora_core.compose import compose  # noqa: E402
 from seqlora_core.stats import Sketch  # noqa: E402
 from seqlora_core.targets import find_targets  # noqa: E402
 
@@ -124,3 +128,49 @@ def update_readme(tag: str, markdown: str) -> bool:
     _, tail = rest.split(end, 1)
     readme.write_text(f"{head}{start}\n{markdown.strip()}\n{end}{tail}")
     return True
+
+
+class PeakRSS:
+    """Samples the process's resident memory every 20 ms while active (CPU peak memory)."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def now() -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def __enter__(self) -> PeakRSS:
+        self.peak = self.now()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self.now())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join()
+
+
+def bank_costs(model: torch.nn.Module, bank: ConceptBank) -> dict:
+    """What a bank costs: its file size, the input moments it stores (`fusion`), and the time and peak
+    RSS of composing all of it into ``model`` (merged; undone afterwards)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bank.safetensors"
+        bank.save(path)
+        bank_bytes = path.stat().st_size
+    t0 = time.perf_counter()
+    with PeakRSS() as mem:
+        comp = compose(model, bank, None, "merged")
+        compose_s = time.perf_counter() - t0
+        comp.remove()
+    moments = sum(cl.moment.numel() * 4 for c in bank.concepts for cl in c.layers.values() if cl.moment is not None)
+    return {"bank_bytes": bank_bytes, "moment_bytes": moments, "compose_s": compose_s, "compose_peak_rss": mem.peak}

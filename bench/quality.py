@@ -20,15 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import resource
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
-from _common import RESULTS, parse_args, update_readme, write_result
+from _common import RESULTS, PeakRSS, bank_costs, parse_args, update_readme, write_result
 from plots import plot_quality
 
 from seqlora_core import build_report, compose
@@ -42,36 +40,6 @@ STEPS = 150  # per concept: fewer than the demo's, so that the full grid fits in
 METHODS = ("seqlora", "lora", "sequential", "ortho_frozen", "joint", "fusion")
 PRIOR_PROMPTS = ("a red circle on the left", "a blue square at the top and a green ring at the bottom",
                  "a big yellow triangle in the center, black background")
-
-
-class PeakRSS:
-    """Samples the process's resident memory every 20 ms while active (CPU peak memory)."""
-
-    def __init__(self) -> None:
-        self.peak = 0
-        self._stop = threading.Event()
-
-    @staticmethod
-    def now() -> int:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-    def __enter__(self) -> PeakRSS:
-        self.peak = self.now()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, self.now())
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._t.join()
 
 
 def concept_ids(n: int, seed: int) -> list[int]:
@@ -103,11 +71,7 @@ def checkpoint(pipe, bank, method: str, seed: int, matrix: list[list[float]], pe
     names = bank.names()
     final = matrix[-1]
     pairs = [(names[i], names[i + 1]) for i in range(0, n - 1, 2)]
-    t0 = time.perf_counter()
-    with PeakRSS() as mem:
-        comp = compose(pipe.unet, bank, None, "merged")
-        compose_s = time.perf_counter() - t0
-        comp.remove()
+    costs = bank_costs(pipe.unet, bank)
     pair_scores, _ = pair_identity(pipe, bank, pairs, ev)
     with compose(pipe.unet, bank, None, "merged"):
         after = sample(pipe, PRIOR_PROMPTS, ev)
@@ -117,10 +81,6 @@ def checkpoint(pipe, bank, method: str, seed: int, matrix: list[list[float]], pe
     )
     rep = build_report(bank)
     offd = [rep["bound"][t][j] for t in range(n) for j in range(n) if t != j]
-    moments = sum(cl.moment.numel() * 4 for c in bank.concepts for cl in c.layers.values() if cl.moment is not None)
-    with tempfile.TemporaryDirectory() as tmp:
-        bank.save(Path(tmp) / "b.safetensors")
-        bank_bytes = (Path(tmp) / "b.safetensors").stat().st_size
     return {
         "method": method, "n": n, "seed": seed, "concepts": names,
         "identity_matrix": [row[:t + 1] for t, row in enumerate(matrix)],
@@ -132,8 +92,8 @@ def checkpoint(pipe, bank, method: str, seed: int, matrix: list[list[float]], pe
         "mean_relative_bound": statistics.mean(offd) if offd else 0.0,
         "train_s_per_concept": statistics.mean(p["train_s"] for p in per_concept),
         "peak_rss_max": max(p["peak_rss"] for p in per_concept), "per_concept": list(per_concept),
-        "compose_s": compose_s, "compose_peak_rss": mem.peak, "fusion_moment_bytes": moments,
-        "bank_bytes": bank_bytes,
+        "compose_s": costs["compose_s"], "compose_peak_rss": costs["compose_peak_rss"],
+        "fusion_moment_bytes": costs["moment_bytes"], "bank_bytes": costs["bank_bytes"],
     }
 
 

@@ -20,15 +20,13 @@ import json
 import random
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from _common import RESULTS, parse_args, sd15_unet, update_readme, write_result
+from _common import RESULTS, PeakRSS, bank_costs, parse_args, sd15_unet, update_readme, write_result
 from plots import line_chart
-from quality import PeakRSS
 
-from seqlora_core import build_report, compose
+from seqlora_core import build_report
 from seqlora_core.demo import DEMO_LR as LR
 from seqlora_core.demo import DEMO_TRAIN as TRAIN
 from seqlora_core.evaluate import EvalSettings, concept_identity, learn_toy_concept, toy_id
@@ -37,22 +35,13 @@ from seqlora_core.targets import find_targets
 from seqlora_core.toy.model import load_toy_pipeline
 
 
-def snapshot(pipe, bank, tmp: Path) -> dict:
-    path = tmp / "bank.safetensors"
-    bank.save(path)
-    t0 = time.perf_counter()
-    with PeakRSS() as mem:
-        comp = compose(pipe.unet, bank, None, "merged")
-        compose_s = time.perf_counter() - t0
-        comp.remove()
+def snapshot(pipe, bank) -> dict:
     cap = build_report(bank)["capacity"]
     used = [v["used"] / v["total"] for v in cap.values()]
     return {
-        "concepts": len(bank.concepts), "bank_bytes": path.stat().st_size, "compose_s": compose_s,
-        "compose_peak_rss": mem.peak, "capacity_used_max": max(used), "capacity_used_mean": statistics.mean(used),
+        "concepts": len(bank.concepts), **bank_costs(pipe.unet, bank),
+        "capacity_used_max": max(used), "capacity_used_mean": statistics.mean(used),
         "soft_layers": sum(1 for v in cap.values() if v["soft"]),
-        "moment_bytes": sum(cl.moment.numel() * 4 for c in bank.concepts for cl in c.layers.values()
-                            if cl.moment is not None),
     }
 
 
@@ -74,7 +63,7 @@ def run(method: str, n: int, steps: int, every: int, seed: int, tmp: Path) -> di
                                      **TRAIN)
         rss.append(mem.peak)
         if (t + 1) % every == 0 or t + 1 == n:
-            s = snapshot(pipe, bank, tmp)
+            s = snapshot(pipe, bank)
             s["train_peak_rss"] = max(rss[-every:])
             s["train_s_last"] = bank.concepts[-1].timings["total_s"]
             snaps.append(s)

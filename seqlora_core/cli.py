@@ -34,12 +34,6 @@ def _architecture(base: str, pipe: Any) -> str:
     return "sdxl" if is_sdxl(pipe) else "sd15"
 
 
-def _resolution(pipe: Any) -> int:
-    size = pipe.unet.config.sample_size
-    size = size[0] if isinstance(size, (list, tuple)) else size
-    return int(size) * int(getattr(pipe, "vae_scale_factor", 8))
-
-
 def _device(arg: str | None) -> str:
     import torch
 
@@ -56,7 +50,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .dataset import ConceptDataset
-    from .diffusers_backend import DiffusersConceptData, diffusion_loss
+    from .diffusers_backend import DiffusersConceptData, diffusion_loss, native_resolution
     from .trainer import TrainCallbacks, TrainConfig, TrainingCancelled, train_concept
 
     bank_path = Path(args.bank)
@@ -64,7 +58,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     name = args.name or args.trigger.split()[0]
     device = _device(args.device)
     pipe = _load_base(args.base, device)
-    resolution = args.resolution or _resolution(pipe)
+    resolution = args.resolution or native_resolution(pipe)
     dataset = ConceptDataset.from_folder(args.images, args.trigger, args.caption_template, resolution)
     data = DiffusersConceptData(pipe, dataset, batch_size=args.batch_size, seed=args.seed)
     cfg = TrainConfig(

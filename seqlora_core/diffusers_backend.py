@@ -306,6 +306,13 @@ def _encode_images(pipe: Any, dataset: ConceptDataset) -> tuple[list[torch.Tenso
     return means, stds
 
 
+def native_resolution(pipe: Any) -> int:
+    """The image side the pipeline's UNet was built for: its sample size times the VAE's factor."""
+    size = pipe.unet.config.sample_size
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    return int(size) * int(getattr(pipe, "vae_scale_factor", 8))
+
+
 def _check_latent_sizes(pipe: Any, latents: list[torch.Tensor]) -> None:
     factor = 2 ** (len(pipe.unet.config.block_out_channels) - 1)
     vae_factor = getattr(pipe, "vae_scale_factor", 8)

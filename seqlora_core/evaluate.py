@@ -12,7 +12,7 @@ from PIL import Image
 from .bank import Concept, ConceptBank
 from .compose import compose
 from .dataset import ConceptDataset
-from .diffusers_backend import DiffusersConceptData, diffusion_loss
+from .diffusers_backend import DiffusersConceptData, diffusion_loss, native_resolution
 from .toy.concepts import trigger_word, write_concept_folder
 from .toy.identity import N_IDENTITY, concept_id_of, identity_probs
 from .toy.scenes import scene_dataset
@@ -50,7 +50,7 @@ def learn_toy_concept(pipe, bank: ConceptBank | None, k: int, folder: Path, meth
     trigger = trigger_word(k)
     if not folder.exists():
         write_concept_folder(k, folder, n=images, seed=seed)
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    size = native_resolution(pipe)
     dataset = ConceptDataset.from_folder(folder, trigger, resolution=size)
     data = DiffusersConceptData(pipe, dataset, batch_size=batch_size, seed=seed)
     settings = dict(rank=4, stats_batches=stats_batches, layer_naming="diffusers", architecture="toy") | config
@@ -69,7 +69,7 @@ def toy_prior_data(pipe, n: int = 32, seed: int = 0) -> DiffusersConceptData:
     """
     images, prompts, _ = scene_dataset(n, seed=10_000 + seed)
     prompts = ["" if i % 4 == 3 else p for i, p in enumerate(prompts)]  # the empty prompt: guidance's other half
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    size = native_resolution(pipe)
     ds = ConceptDataset(trigger="", resolution=size, resize="center_crop",
                         pixels_u8=[torch.from_numpy(im).permute(2, 0, 1).contiguous() for im in images],
                         captions=list(prompts), prior_captions=list(prompts), repeats=[1] * n,
