@@ -3,7 +3,8 @@
 Folder layout: images (png, jpg, jpeg, webp, bmp) with optional same-name `.txt` captions, directly
 in the folder and/or in kohya-style `N_name` subfolders whose images count N times (repeats). The
 `name` part of a kohya folder is ignored: the trigger is given explicitly. A folder that is itself
-named `N_name` gives its direct images N repeats. Other subfolders and hidden files are ignored.
+named `N_name` gives its direct images N repeats (at least one: the chosen folder is never emptied);
+`0_name` subfolders are skipped, as kohya does. Other subfolders and hidden files are ignored.
 
 Resize rule (`resolution` must be a multiple of 8; SD1.x/SDXL need a multiple of 64):
 - `"center_crop"` (default): scale so the shortest side equals `resolution` (Lanczos), then crop
@@ -198,7 +199,8 @@ class ConceptDataset:
 def _list_images(root: Path) -> list[tuple[Path, int]]:
     """(image file, repeats) in sorted order: the folder's own images, then kohya `N_name` subfolders."""
     own = _KOHYA.match(root.name)
-    found = [(f, int(own.group(1)) if own else 1) for f in _image_files(root)]
+    own_repeats = int(own.group(1)) if own and int(own.group(1)) > 0 else 1
+    found = [(f, own_repeats) for f in _image_files(root)]
     for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         m = _KOHYA.match(sub.name)
         if m and int(m.group(1)) > 0:

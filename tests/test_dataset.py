@@ -170,3 +170,11 @@ def test_kohya_repeat_folders(tmp_path):
     assert len(ds.weighted_indices()) == 24 and ds.weighted_indices().count(1) == 10
     direct = ConceptDataset.from_folder(root / "10_dog", "sks", resolution=32)
     assert direct.repeats == [10, 10] and direct.captions == ["sks dog", "a photo of sks"]
+
+
+def test_zero_repeat_prefix(tmp_path):
+    """kohya skips a `0_name` subfolder; the folder the user chose keeps its images whatever its name."""
+    save(noise_image(32, 32, 0), tmp_path / "0_7" / "own.png")
+    save(noise_image(32, 32, 1), tmp_path / "0_7" / "0_off" / "skipped.png")
+    ds = ConceptDataset.from_folder(tmp_path / "0_7", "sks", resolution=32)
+    assert [p.name for p in ds.paths] == ["own.png"] and ds.weighted_indices() == [0]

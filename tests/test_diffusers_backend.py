@@ -104,6 +104,13 @@ def test_one_epoch_visits_each_image_repeats_times(sd_eps, dataset):
     assert sorted(other_epoch) == seen
 
 
+def test_no_weighted_images_is_a_clear_error(sd_eps, dataset):
+    empty = copy.copy(dataset)
+    empty.repeats = [0] * len(dataset)
+    with pytest.raises(ValueError, match="no images with repeats >= 1"):
+        DiffusersConceptData(sd_eps, empty)
+
+
 def test_latent_sample_mode_is_seeded_per_step(sd_eps, dataset):
     data = DiffusersConceptData(sd_eps, dataset, batch_size=1, latent_mode="sample")
     a, b = data.batches(0)["latents"], data.batches(0)["latents"]
