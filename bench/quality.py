@@ -111,6 +111,8 @@ def run(method: str, ns: list[int], seed: int, steps: int, ev: EvalSettings, dat
     per_concept = []
     for t, k in enumerate(concept_ids(max(ns), seed)):
         with PeakRSS() as mem:
+            # "k_seed" reads as a kohya `N_name` folder: each image counts max(k, 1) times per epoch, the
+            # same sampling distribution as once; kept so that the recorded results reproduce
             bank = learn_toy_concept(pipe, bank, k, data_dir / f"{k}_{seed}", method, steps, lr, seed, **TRAIN)
         c = bank.concepts[-1]
         per_concept.append({"name": c.name, "train_s": c.timings["total_s"], "peak_rss": mem.peak,
