@@ -139,11 +139,12 @@ class PeakRSS:
 
     @staticmethod
     def now() -> int:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        """Resident bytes now (Linux /proc); elsewhere the process's peak so far (ru_maxrss, KiB on Linux)."""
+        try:
+            with open("/proc/self/status") as f:
+                return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+        except (OSError, StopIteration):
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     def __enter__(self) -> PeakRSS:
         self.peak = self.now()

@@ -199,7 +199,7 @@ class ConceptDataset:
 def _list_images(root: Path) -> list[tuple[Path, int]]:
     """(image file, repeats) in sorted order: the folder's own images, then kohya `N_name` subfolders."""
     own = _KOHYA.match(root.name)
-    own_repeats = int(own.group(1)) if own and int(own.group(1)) > 0 else 1
+    own_repeats = max(int(own.group(1)), 1) if own else 1
     found = [(f, own_repeats) for f in _image_files(root)]
     for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         m = _KOHYA.match(sub.name)

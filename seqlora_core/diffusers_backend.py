@@ -224,7 +224,7 @@ class DiffusersConceptData:
         self.steps_per_epoch = sum(math.ceil(len(b) / batch_size) for b in self._buckets)
         if not self.steps_per_epoch:
             raise ValueError(f"the dataset for trigger {dataset.trigger!r} has no images with repeats >= 1 "
-                             f"(repeats: {dataset.repeats}); give every image at least one repeat")
+                             f"({len(dataset)} images); give every image at least one repeat")
         self._plan: tuple[int, list[list[int]]] | None = None
 
     def indices(self, step: int) -> list[int]:
