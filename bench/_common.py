@@ -84,8 +84,9 @@ def sd15_unet(full: bool, device: str = "cpu"):
     return unet.to(device)
 
 
-def synthetic_bank(model: torch.nn.Module, n_concepts: int, rank: int = 4, targets: str = "attn",
-                   sketch_rank: int = 8, seed: int = 0) -> ConceptBank:
+def synthetic_bank(
+    model: torch.nn.Module, n_concepts: int, rank: int = 4, targets: str = "attn", sketch_rank: int = 8, seed: int = 0
+) -> ConceptBank:
     """A bank of ``n_concepts`` random concepts with the shapes a trained one would have.
 
     Bases are disjoint slots of one random orthonormal basis per width (soft where a layer is full),

@@ -25,8 +25,16 @@ sys.path.insert(0, str(ROOT / "tests" / "comfy"))
 
 import comfy_harness as h  # noqa: E402
 
-TARGET_SUFFIXES = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
-                   "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
+TARGET_SUFFIXES = (
+    "attn1.to_q",
+    "attn1.to_k",
+    "attn1.to_v",
+    "attn1.to_out.0",
+    "attn2.to_q",
+    "attn2.to_k",
+    "attn2.to_v",
+    "attn2.to_out.0",
+)
 
 
 def median_gap(stamps: list[float], skip: int = 1) -> float:
@@ -92,20 +100,42 @@ def run(checkpoint: Path | None, steps: int, rank: int, px: int, threads: int | 
                 stamps.append(time.perf_counter())
                 if loss_callback:
                     loss_callback(loss)
+
             orig_init(self, loss_fn, optimizer, loss_callback=cb, **kw)
 
         nt.TrainSampler.__init__ = init
         try:
             with _OnlyTargets(model.model.diffusion_model) as hidden:
                 t0 = time.perf_counter()
-                out = nt.TrainLoraNode().train(model, latents, positive, 1, steps, 1, 1e-4, rank, "AdamW", "MSE", 0,
-                                               "fp32", "fp32", "LoRA", False, "[None]")
+                out = nt.TrainLoraNode().train(
+                    model,
+                    latents,
+                    positive,
+                    1,
+                    steps,
+                    1,
+                    1e-4,
+                    rank,
+                    "AdamW",
+                    "MSE",
+                    0,
+                    "fp32",
+                    "fp32",
+                    "LoRA",
+                    False,
+                    "[None]",
+                )
                 total = time.perf_counter() - t0
             lora = sorted({k.split(".lora")[0] for k in out[1] if ".lora" in k})
             bias = sorted(k for k in out[1] if k.endswith(".diff_b"))
-            results["comfyui_TrainLoraNode"] = {"step_s": median_gap(stamps), "total_s": total,
-                                                "hidden_layers": len(hidden.swapped), "layers": len(lora),
-                                                "bias_diffs": len(bias), "keys": sorted(out[1])[:4]}
+            results["comfyui_TrainLoraNode"] = {
+                "step_s": median_gap(stamps),
+                "total_s": total,
+                "hidden_layers": len(hidden.swapped),
+                "layers": len(lora),
+                "bias_diffs": len(bias),
+                "keys": sorted(out[1])[:4],
+            }
         finally:
             nt.TrainSampler.__init__ = orig_init
         mm.unload_all_models()
@@ -121,13 +151,32 @@ def run(checkpoint: Path | None, steps: int, rank: int, px: int, threads: int | 
             bank = results.get("_bank")
             t0 = time.perf_counter()
             new_bank, _, _ = nodes["SeqLoRATrainConcept"]().run(
-                model, clip, vae, images, concept, f"sks {concept}", method, rank, steps, 1e-4, 0.05, "attn", 0, 1,
-                "a photo of {trigger}", bank if concept == "second" else None, captions, f"bench-{concept}")
+                model,
+                clip,
+                vae,
+                images,
+                concept,
+                f"sks {concept}",
+                method,
+                rank,
+                steps,
+                1e-4,
+                0.05,
+                "attn",
+                0,
+                1,
+                "a photo of {trigger}",
+                bank if concept == "second" else None,
+                captions,
+                f"bench-{concept}",
+            )
             total = time.perf_counter() - t0
             comfy.utils.set_progress_bar_global_hook(None)
             c = new_bank.concept(concept)
             results[f"seqlora_node[{method}, {concept}]"] = {
-                "step_s": median_gap(step_stamps), "total_s": total, "layers": len(new_bank.layers),
+                "step_s": median_gap(step_stamps),
+                "total_s": total,
+                "layers": len(new_bank.layers),
                 "timings": {k: round(v, 3) for k, v in c.timings.items()},
             }
             if concept == "first":

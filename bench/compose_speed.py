@@ -70,19 +70,23 @@ def main() -> None:
             for mode in ("merged", "bypass"):
                 holder = {}
                 rows.setdefault(f"compose {args.concepts} {mode}", []).append(
-                    timed(lambda mode=mode, holder=holder: holder.setdefault("c", compose(unet, bank, None, mode))))
+                    timed(lambda mode=mode, holder=holder: holder.setdefault("c", compose(unet, bank, None, mode)))
+                )
                 rows.setdefault(f"sampling step, {args.concepts} {mode}", []).append(timed(step))
                 rows.setdefault(f"undo {args.concepts} {mode}", []).append(timed(holder["c"].remove))
             rows.setdefault("compose 1 merged (SeqLoRA)", []).append(
-                timed(lambda: compose(unet, bank, [bank.names()[0]], "merged").remove()))
+                timed(lambda: compose(unet, bank, [bank.names()[0]], "merged").remove())
+            )
             rows.setdefault("load + fuse 1 LoRA (diffusers)", []).append(timed(diffusers_one))
             unet.unfuse_lora()
             unet.unload_lora()  # back to plain Linear layers
             assert type(unet.get_submodule(bank.layers[0].name)) is torch.nn.Linear
             rows.setdefault("sampling step, nothing applied", []).append(timed(step))
     med = {k: statistics.median(v) for k, v in rows.items()}
-    print(f"SD1.5-width UNet ({'full' if args.full else 'one layer per block'}), {device}, latent {latent}, batch 2 "
-          f"(CFG), {len(bank.layers)} adapted layers, rank 4; median of {args.repeats}")
+    print(
+        f"SD1.5-width UNet ({'full' if args.full else 'one layer per block'}), {device}, latent {latent}, batch 2 "
+        f"(CFG), {len(bank.layers)} adapted layers, rank 4; median of {args.repeats}"
+    )
     for k, v in med.items():
         print(f"  {k:45s} {v * 1000:10.1f} ms")
     one = med["load + fuse 1 LoRA (diffusers)"]
@@ -96,10 +100,16 @@ def main() -> None:
     }
     for k, v in ratios.items():
         print(f"  {k:45s} {v:10.3f}")
-    path = write_result(f"compose_speed_{device}{'_full' if args.full else ''}", {
-        "how": "median wall time of interleaved repeats in one process", "latent": latent,
-        "concepts": args.concepts, "seconds": med, "ratios": ratios,
-    })
+    path = write_result(
+        f"compose_speed_{device}{'_full' if args.full else ''}",
+        {
+            "how": "median wall time of interleaved repeats in one process",
+            "latent": latent,
+            "concepts": args.concepts,
+            "seconds": med,
+            "ratios": ratios,
+        },
+    )
     print(f"wrote {path}")
 
 

@@ -6,13 +6,20 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-COLOURS = {"seqlora": (200, 30, 30), "lora": (60, 60, 200), "sequential": (240, 150, 0),
-           "ortho_frozen": (30, 150, 60), "joint": (150, 60, 170), "fusion": (90, 90, 90)}
+COLOURS = {
+    "seqlora": (200, 30, 30),
+    "lora": (60, 60, 200),
+    "sequential": (240, 150, 0),
+    "ortho_frozen": (30, 150, 60),
+    "joint": (150, 60, 170),
+    "fusion": (90, 90, 90),
+}
 Point = tuple[float, float, float]  # x, y, error bar half-height
 
 
-def line_chart(series: dict[str, list[Point]], title: str, xlabel: str, ylabel: str, path: Path,
-               size: tuple[int, int] = (560, 360)) -> Path:
+def line_chart(
+    series: dict[str, list[Point]], title: str, xlabel: str, ylabel: str, path: Path, size: tuple[int, int] = (560, 360)
+) -> Path:
     """One line per series with error bars, axes with a few ticks, a legend; written as PNG."""
     font = ImageFont.load_default()
     w, h = size
@@ -61,8 +68,11 @@ def line_chart(series: dict[str, list[Point]], title: str, xlabel: str, ylabel: 
 def plot_quality(summary: list[dict], prefix: Path) -> list[Path]:
     """Final identity, average forgetting and interference against N, one line per method."""
     out = []
-    for key, label in (("final_identity", "final average identity"), ("average_forgetting", "average forgetting"),
-                       ("mean_relative_interference", "mean relative interference")):
+    for key, label in (
+        ("final_identity", "final average identity"),
+        ("average_forgetting", "average forgetting"),
+        ("mean_relative_interference", "mean relative interference"),
+    ):
         series: dict[str, list[Point]] = {}
         for s in summary:
             if s[key] is not None:

@@ -38,8 +38,11 @@ from seqlora_core.toy.model import load_toy_pipeline
 
 STEPS = 150  # per concept: fewer than the demo's, so that the full grid fits in a few CPU hours
 METHODS = ("seqlora", "lora", "sequential", "ortho_frozen", "joint", "fusion")
-PRIOR_PROMPTS = ("a red circle on the left", "a blue square at the top and a green ring at the bottom",
-                 "a big yellow triangle in the center, black background")
+PRIOR_PROMPTS = (
+    "a red circle on the left",
+    "a blue square at the top and a green ring at the bottom",
+    "a big yellow triangle in the center, black background",
+)
 
 
 def concept_ids(n: int, seed: int) -> list[int]:
@@ -59,13 +62,20 @@ def average_forgetting(matrix: list[list[float | None]]) -> float:
     """
     n = len(matrix)
     rows = [t for t in range(n) if t + 1 in CHECKPOINTS or t + 1 == n]
-    best = [max([matrix[j][j]] + [matrix[t][j] for t in rows if t >= j and matrix[t][j] is not None])
-            for j in range(n)]
+    best = [max([matrix[j][j]] + [matrix[t][j] for t in rows if t >= j and matrix[t][j] is not None]) for j in range(n)]
     return statistics.mean(b - f for b, f in zip(best, matrix[-1], strict=True))
 
 
-def checkpoint(pipe, bank, method: str, seed: int, matrix: list[list[float]], per_concept: list[dict],
-               base_images, ev: EvalSettings) -> dict:
+def checkpoint(
+    pipe,
+    bank,
+    method: str,
+    seed: int,
+    matrix: list[list[float]],
+    per_concept: list[dict],
+    base_images,
+    ev: EvalSettings,
+) -> dict:
     """Every measure for the model as it is after the first ``len(matrix)`` concepts."""
     n = len(matrix)
     names = bank.names()
@@ -82,23 +92,30 @@ def checkpoint(pipe, bank, method: str, seed: int, matrix: list[list[float]], pe
     rep = build_report(bank)
     offd = [rep["bound"][t][j] for t in range(n) for j in range(n) if t != j]
     return {
-        "method": method, "n": n, "seed": seed, "concepts": names,
-        "identity_matrix": [row[:t + 1] for t, row in enumerate(matrix)],
+        "method": method,
+        "n": n,
+        "seed": seed,
+        "concepts": names,
+        "identity_matrix": [row[: t + 1] for t, row in enumerate(matrix)],
         "after_own": [matrix[j][j] for j in range(n)],
-        "final_identity": statistics.mean(final), "average_forgetting": average_forgetting(matrix),
+        "final_identity": statistics.mean(final),
+        "average_forgetting": average_forgetting(matrix),
         "pair_identity": statistics.mean([(p["left"] + p["right"]) / 2 for p in pair_scores]) if pair_scores else None,
-        "pairs": pair_scores, "prior_drift_pixels": drift,
+        "pairs": pair_scores,
+        "prior_drift_pixels": drift,
         "mean_relative_interference": rep["mean_relative_interference"],
         "mean_relative_bound": statistics.mean(offd) if offd else 0.0,
         "train_s_per_concept": statistics.mean(p["train_s"] for p in per_concept),
-        "peak_rss_max": max(p["peak_rss"] for p in per_concept), "per_concept": list(per_concept),
-        "compose_s": costs["compose_s"], "compose_peak_rss": costs["compose_peak_rss"],
-        "fusion_moment_bytes": costs["moment_bytes"], "bank_bytes": costs["bank_bytes"],
+        "peak_rss_max": max(p["peak_rss"] for p in per_concept),
+        "per_concept": list(per_concept),
+        "compose_s": costs["compose_s"],
+        "compose_peak_rss": costs["compose_peak_rss"],
+        "fusion_moment_bytes": costs["moment_bytes"],
+        "bank_bytes": costs["bank_bytes"],
     }
 
 
-def run(method: str, ns: list[int], seed: int, steps: int, ev: EvalSettings, data_dir: Path, lr: float,
-        done: set[int]):
+def run(method: str, ns: list[int], seed: int, steps: int, ev: EvalSettings, data_dir: Path, lr: float, done: set[int]):
     """Learn max(ns) concepts one after another; yield the checkpoint row at each N in ``ns`` not in ``done``.
 
     The first N concepts of a longer run are exactly a run with N concepts (same concepts, order and
@@ -115,8 +132,14 @@ def run(method: str, ns: list[int], seed: int, steps: int, ev: EvalSettings, dat
             # same sampling distribution as once; kept so that the recorded results reproduce
             bank = learn_toy_concept(pipe, bank, k, data_dir / f"{k}_{seed}", method, steps, lr, seed, **TRAIN)
         c = bank.concepts[-1]
-        per_concept.append({"name": c.name, "train_s": c.timings["total_s"], "peak_rss": mem.peak,
-                            "upper_s": c.timings.get("upper_s", 0.0)})
+        per_concept.append(
+            {
+                "name": c.name,
+                "train_s": c.timings["total_s"],
+                "peak_rss": mem.peak,
+                "upper_s": c.timings.get("upper_s", 0.0),
+            }
+        )
         # every concept so far at the checkpoints; in between only the new one (its identity after training)
         names = bank.names() if t + 1 in ns or t + 1 in CHECKPOINTS else bank.names()[-1:]
         scores, _ = concept_identity(pipe, bank, None, names, ev)
@@ -128,13 +151,25 @@ def run(method: str, ns: list[int], seed: int, steps: int, ev: EvalSettings, dat
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    keys = ("mean_after_own", "final_identity", "average_forgetting", "pair_identity", "prior_drift_pixels",
-            "mean_relative_interference", "mean_relative_bound", "train_s_per_concept", "peak_rss_max",
-            "compose_s", "fusion_moment_bytes")
+    keys = (
+        "mean_after_own",
+        "final_identity",
+        "average_forgetting",
+        "pair_identity",
+        "prior_drift_pixels",
+        "mean_relative_interference",
+        "mean_relative_bound",
+        "train_s_per_concept",
+        "peak_rss_max",
+        "compose_s",
+        "fusion_moment_bytes",
+    )
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        r = r | {"mean_after_own": statistics.mean(r["after_own"]),
-                 "average_forgetting": average_forgetting(r["identity_matrix"])}
+        r = r | {
+            "mean_after_own": statistics.mean(r["after_own"]),
+            "average_forgetting": average_forgetting(r["identity_matrix"]),
+        }
         groups.setdefault((r["method"], r["n"]), []).append(r)
     out = []
     for (method, n), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], METHODS.index(kv[0][0]))):
@@ -149,21 +184,33 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 def table(summary: list[dict]) -> str:
     """Markdown: mean (± standard deviation over seeds) per method and N."""
-    cols = (("mean_after_own", "identity after own training", 3), ("final_identity", "final identity", 3),
-            ("average_forgetting", "avg forgetting", 3), ("pair_identity", "pair identity", 3),
-            ("prior_drift_pixels", "prior drift", 3), ("mean_relative_interference", "interference", 3),
-            ("mean_relative_bound", "bound", 3), ("train_s_per_concept", "s/concept", 1),
-            ("compose_s", "compose s", 3))
-    lines = ["| N | method | seeds | " + " | ".join(c[1] for c in cols) + " | peak RSS MiB |",
-             "|---" * (len(cols) + 4) + "|"]
+    cols = (
+        ("mean_after_own", "identity after own training", 3),
+        ("final_identity", "final identity", 3),
+        ("average_forgetting", "avg forgetting", 3),
+        ("pair_identity", "pair identity", 3),
+        ("prior_drift_pixels", "prior drift", 3),
+        ("mean_relative_interference", "interference", 3),
+        ("mean_relative_bound", "bound", 3),
+        ("train_s_per_concept", "s/concept", 1),
+        ("compose_s", "compose s", 3),
+    )
+    lines = [
+        "| N | method | seeds | " + " | ".join(c[1] for c in cols) + " | peak RSS MiB |",
+        "|---" * (len(cols) + 4) + "|",
+    ]
     for s in summary:
         cells = []
         for key, _, d in cols:
             v = s[key]
-            cells.append("n/a" if v is None else f"{v:.{d}f} ± {s[key + '_std']:.{d}f}" if s["seeds"] > 1
-                         else f"{v:.{d}f}")
-        lines.append(f"| {s['n']} | {s['method']} | {s['seeds']} | " + " | ".join(cells)
-                     + f" | {s['peak_rss_max'] / 2**20:.0f} |")
+            cells.append(
+                "n/a" if v is None else f"{v:.{d}f} ± {s[key + '_std']:.{d}f}" if s["seeds"] > 1 else f"{v:.{d}f}"
+            )
+        lines.append(
+            f"| {s['n']} | {s['method']} | {s['seeds']} | "
+            + " | ".join(cells)
+            + f" | {s['peak_rss_max'] / 2**20:.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -197,8 +244,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help=f"steps per concept (default {STEPS})")
     ap.add_argument("--lr", type=float, default=LR)
     ap.add_argument("--tag", default=None, help="result file name (default quality or quality_quick)")
-    ap.add_argument("--combine", default=None, metavar="TAG,TAG",
-                    help="only merge the runs of these earlier tags into --tag's tables and plots")
+    ap.add_argument(
+        "--combine",
+        default=None,
+        metavar="TAG,TAG",
+        help="only merge the runs of these earlier tags into --tag's tables and plots",
+    )
     args = parse_args(ap)
     tag = args.tag or ("quality_quick" if args.quick else "quality")
     steps = args.steps or STEPS
@@ -225,10 +276,13 @@ def main() -> None:
                     rows.append(r)
                     with partial.open("a") as f:
                         f.write(json.dumps(r) + "\n")
-                    print(f"N={r['n']:3d} seed {seed} {method:12s} final identity {r['final_identity']:.3f} "
-                          f"forgetting {r['average_forgetting']:.3f} pairs {r['pair_identity'] or 0:.3f} "
-                          f"drift {r['prior_drift_pixels']:.4f} interference {r['mean_relative_interference']:.4f} "
-                          f"({time.perf_counter() - t0:.0f} s)", flush=True)
+                    print(
+                        f"N={r['n']:3d} seed {seed} {method:12s} final identity {r['final_identity']:.3f} "
+                        f"forgetting {r['average_forgetting']:.3f} pairs {r['pair_identity'] or 0:.3f} "
+                        f"drift {r['prior_drift_pixels']:.4f} interference {r['mean_relative_interference']:.4f} "
+                        f"({time.perf_counter() - t0:.0f} s)",
+                        flush=True,
+                    )
     path = write_summary(tag, rows, extra | {"n": ns, "seeds": seeds})
     partial.unlink(missing_ok=True)
     print(f"wrote {path}")

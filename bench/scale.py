@@ -39,8 +39,10 @@ def snapshot(pipe, bank) -> dict:
     cap = build_report(bank)["capacity"]
     used = [v["used"] / v["total"] for v in cap.values()]
     return {
-        "concepts": len(bank.concepts), **bank_costs(pipe.unet, bank),
-        "capacity_used_max": max(used), "capacity_used_mean": statistics.mean(used),
+        "concepts": len(bank.concepts),
+        **bank_costs(pipe.unet, bank),
+        "capacity_used_max": max(used),
+        "capacity_used_mean": statistics.mean(used),
         "soft_layers": sum(1 for v in cap.values() if v["soft"]),
     }
 
@@ -50,7 +52,7 @@ def sd15_moment_bytes_per_concept(targets: str = "attn") -> int:
     (counted from the layers of an SD1.5-config UNet built on the meta device, so no weights are made)."""
     with torch.device("meta"):
         unet = sd15_unet(full=True, device="meta")
-    return sum(spec.in_features ** 2 * 4 for spec in find_targets(unet, targets))
+    return sum(spec.in_features**2 * 4 for spec in find_targets(unet, targets))
 
 
 def run(method: str, n: int, steps: int, every: int, seed: int, tmp: Path) -> dict:
@@ -59,37 +61,51 @@ def run(method: str, n: int, steps: int, every: int, seed: int, tmp: Path) -> di
     bank, snaps, rss = None, [], []
     for t, k in enumerate(order):
         with PeakRSS() as mem:
-            bank = learn_toy_concept(pipe, bank, k, tmp / f"c{k}", method, steps, LR, seed, images=6, stats_batches=2,
-                                     **TRAIN)
+            bank = learn_toy_concept(
+                pipe, bank, k, tmp / f"c{k}", method, steps, LR, seed, images=6, stats_batches=2, **TRAIN
+            )
         rss.append(mem.peak)
         if (t + 1) % every == 0 or t + 1 == n:
             s = snapshot(pipe, bank)
             s["train_peak_rss"] = max(rss[-every:])
             s["train_s_last"] = bank.concepts[-1].timings["total_s"]
             snaps.append(s)
-            print(f"{method:12s} {s['concepts']:3d} concepts: bank {s['bank_bytes'] / 2**20:7.1f} MiB, "
-                  f"compose {s['compose_s']:.2f} s, train RSS {s['train_peak_rss'] / 2**20:.0f} MiB, "
-                  f"capacity max {s['capacity_used_max']:.2f}, soft layers {s['soft_layers']}, "
-                  f"moments {s['moment_bytes'] / 2**20:.0f} MiB", flush=True)
+            print(
+                f"{method:12s} {s['concepts']:3d} concepts: bank {s['bank_bytes'] / 2**20:7.1f} MiB, "
+                f"compose {s['compose_s']:.2f} s, train RSS {s['train_peak_rss'] / 2**20:.0f} MiB, "
+                f"capacity max {s['capacity_used_max']:.2f}, soft layers {s['soft_layers']}, "
+                f"moments {s['moment_bytes'] / 2**20:.0f} MiB",
+                flush=True,
+            )
     scorable = [c.name for c in bank.concepts if toy_id(c) is not None]
     scores, _ = concept_identity(pipe, bank, None, scorable, EvalSettings(seeds=2))
-    return {"method": method, "snapshots": snaps, "final_identity": statistics.mean(scores.values()),
-            "scored_concepts": len(scorable), "identity": scores}
+    return {
+        "method": method,
+        "snapshots": snaps,
+        "final_identity": statistics.mean(scores.values()),
+        "scored_concepts": len(scorable),
+        "identity": scores,
+    }
 
 
 def table(results: list[dict]) -> str:
     """Markdown: one row per method and snapshot."""
-    lines = ["| method | concepts | bank on disk MiB | peak RSS training MiB | compose s | peak RSS composing MiB "
-             "| capacity used (max / mean) | layers soft | stored moments MiB |", "|---" * 9 + "|"]
+    lines = [
+        "| method | concepts | bank on disk MiB | peak RSS training MiB | compose s | peak RSS composing MiB "
+        "| capacity used (max / mean) | layers soft | stored moments MiB |",
+        "|---" * 9 + "|",
+    ]
     for r in results:
         free = get_method(r["method"]).basis == "free"  # no orthogonality: capacity does not apply
         for s in r["snapshots"]:
             capacity = "n/a" if free else f"{s['capacity_used_max']:.2f} / {s['capacity_used_mean']:.2f}"
-            lines.append(f"| {r['method']} | {s['concepts']} | {s['bank_bytes'] / 2**20:.1f} | "
-                         f"{s['train_peak_rss'] / 2**20:.0f} | {s['compose_s']:.3f} | "
-                         f"{s['compose_peak_rss'] / 2**20:.0f} | "
-                         f"{capacity} | {s['soft_layers'] if capacity != 'n/a' else 'n/a'} | "
-                         f"{s['moment_bytes'] / 2**20:.1f} |")
+            lines.append(
+                f"| {r['method']} | {s['concepts']} | {s['bank_bytes'] / 2**20:.1f} | "
+                f"{s['train_peak_rss'] / 2**20:.0f} | {s['compose_s']:.3f} | "
+                f"{s['compose_peak_rss'] / 2**20:.0f} | "
+                f"{capacity} | {s['soft_layers'] if capacity != 'n/a' else 'n/a'} | "
+                f"{s['moment_bytes'] / 2**20:.1f} |"
+            )
     lines.append("")
     lines.append("| method | final identity, all composed (concepts scored) |")
     lines.append("|---|---|")
@@ -100,8 +116,11 @@ def table(results: list[dict]) -> str:
 
 def plots(results: list[dict], prefix: Path) -> list[Path]:
     out = []
-    for key, label in (("train_peak_rss", "peak RSS while training (MiB)"), ("bank_bytes", "bank on disk (MiB)"),
-                       ("compose_peak_rss", "peak RSS while composing (MiB)")):
+    for key, label in (
+        ("train_peak_rss", "peak RSS while training (MiB)"),
+        ("bank_bytes", "bank on disk (MiB)"),
+        ("compose_peak_rss", "peak RSS while composing (MiB)"),
+    ):
         series = {r["method"]: [(s["concepts"], s[key] / 2**20, 0.0) for s in r["snapshots"]] for r in results}
         out.append(line_chart(series, label, "concepts in the bank", "MiB", Path(f"{prefix}_{key}.png")))
     return out
@@ -115,28 +134,47 @@ def main() -> None:
     ap.add_argument("--methods", default="seqlora,ortho_frozen,fusion")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tag", default=None, help="result file name (default scale_<concepts>)")
-    ap.add_argument("--combine", default=None, metavar="TAG,TAG",
-                    help="only merge the results of these earlier tags into --tag's table and plots")
+    ap.add_argument(
+        "--combine",
+        default=None,
+        metavar="TAG,TAG",
+        help="only merge the results of these earlier tags into --tag's table and plots",
+    )
     args = parse_args(ap)
     tag = args.tag or f"scale_{args.concepts}"
     if args.combine:
-        results = [r for t in args.combine.split(",")
-                   for r in json.loads((RESULTS / f"{t}.json").read_text())["results"]]
+        results = [
+            r for t in args.combine.split(",") for r in json.loads((RESULTS / f"{t}.json").read_text())["results"]
+        ]
     else:
         results = []
         with tempfile.TemporaryDirectory() as tmp:
             for method in args.methods.split(","):
                 results.append(run(method, args.concepts, args.steps, args.every, args.seed, Path(tmp)))
-                print(f"{method}: final identity of {results[-1]['scored_concepts']} scorable concepts "
-                      f"{results[-1]['final_identity']:.3f}", flush=True)
+                print(
+                    f"{method}: final identity of {results[-1]['scored_concepts']} scorable concepts "
+                    f"{results[-1]['final_identity']:.3f}",
+                    flush=True,
+                )
     sd15 = sd15_moment_bytes_per_concept(TRAIN["targets"])
-    fusion_note = (f"`fusion` keeps an n x n input moment per concept and layer: on SD1.5's own layer shapes "
-                   f"(targets `{TRAIN['targets']}`) that is {sd15 / 2**20:.1f} MiB per concept, "
-                   f"{sd15 * args.concepts / 2**30:.2f} GiB for {args.concepts} concepts (fp32), "
-                   "against nothing for SeqLoRA.")
+    fusion_note = (
+        f"`fusion` keeps an n x n input moment per concept and layer: on SD1.5's own layer shapes "
+        f"(targets `{TRAIN['targets']}`) that is {sd15 / 2**20:.1f} MiB per concept, "
+        f"{sd15 * args.concepts / 2**30:.2f} GiB for {args.concepts} concepts (fp32), "
+        "against nothing for SeqLoRA."
+    )
     print(fusion_note)
-    path = write_result(tag, {"how": __doc__, "steps": args.steps, "train": TRAIN, "lr": LR, "results": results,
-                              "sd15_fusion_moment_bytes_per_concept": sd15})
+    path = write_result(
+        tag,
+        {
+            "how": __doc__,
+            "steps": args.steps,
+            "train": TRAIN,
+            "lr": LR,
+            "results": results,
+            "sd15_fusion_moment_bytes_per_concept": sd15,
+        },
+    )
     md = table(results) + "\n\n" + fusion_note + "\n"
     (RESULTS / f"{tag}.md").write_text(md)
     for png in plots(results, RESULTS / tag):

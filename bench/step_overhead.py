@@ -79,24 +79,44 @@ def main() -> None:
             for method in ("lora", "seqlora"):
                 r = time_steps(unet, banks[n], method, args.steps, latent, device)
                 rows.setdefault((n, method), []).append(r)
-                print(f"repeat {rep} bank {n:3d} {method:8s} step {r['step_s']*1000:8.1f} ms  "
-                      f"(upper level {r['upper_s_per_step']*1000:6.1f} ms, setup {r['setup_s']:.1f} s)", flush=True)
+                print(
+                    f"repeat {rep} bank {n:3d} {method:8s} step {r['step_s'] * 1000:8.1f} ms  "
+                    f"(upper level {r['upper_s_per_step'] * 1000:6.1f} ms, setup {r['setup_s']:.1f} s)",
+                    flush=True,
+                )
     table = []
-    print(f"\nSD1.5-width UNet ({'full' if args.full else 'one layer per block'}), {device}, latent {latent}x{latent}, "
-          f"batch 1, rank 4, attention projections; median step over {args.steps - 1} steps x {args.repeats} repeats")
+    print(
+        f"\nSD1.5-width UNet ({'full' if args.full else 'one layer per block'}), {device}, latent {latent}x{latent}, "
+        f"batch 1, rank 4, attention projections; median step over {args.steps - 1} steps x {args.repeats} repeats"
+    )
     print(f"{'bank':>5} {'lora ms':>9} {'seqlora ms':>11} {'ratio':>7} {'upper ms':>9} {'upper/lora step':>16}")
     for n in counts:
         lo = statistics.median(r["step_s"] for r in rows[(n, "lora")])
         sq = statistics.median(r["step_s"] for r in rows[(n, "seqlora")])
         up = statistics.median(r["upper_s_per_step"] for r in rows[(n, "seqlora")])
-        table.append({"bank": n, "lora_step_s": lo, "seqlora_step_s": sq, "ratio": sq / lo, "upper_step_s": up,
-                      "upper_share_of_lora_step": up / lo,
-                      "seqlora_setup_s": statistics.median(r["setup_s"] for r in rows[(n, "seqlora")])})
-        print(f"{n:5d} {lo*1000:9.1f} {sq*1000:11.1f} {sq/lo:7.3f} {up*1000:9.1f} {up/lo:16.3f}")
-    path = write_result(f"step_overhead_{device}{'_full' if args.full else ''}", {
-        "how": "median per-step wall time between step callbacks, interleaved lora/seqlora runs",
-        "full_depth": args.full, "latent": latent, "steps": args.steps, "repeats": args.repeats, "rows": table,
-    })
+        table.append(
+            {
+                "bank": n,
+                "lora_step_s": lo,
+                "seqlora_step_s": sq,
+                "ratio": sq / lo,
+                "upper_step_s": up,
+                "upper_share_of_lora_step": up / lo,
+                "seqlora_setup_s": statistics.median(r["setup_s"] for r in rows[(n, "seqlora")]),
+            }
+        )
+        print(f"{n:5d} {lo * 1000:9.1f} {sq * 1000:11.1f} {sq / lo:7.3f} {up * 1000:9.1f} {up / lo:16.3f}")
+    path = write_result(
+        f"step_overhead_{device}{'_full' if args.full else ''}",
+        {
+            "how": "median per-step wall time between step callbacks, interleaved lora/seqlora runs",
+            "full_depth": args.full,
+            "latent": latent,
+            "steps": args.steps,
+            "repeats": args.repeats,
+            "rows": table,
+        },
+    )
     print(f"\nwrote {path}")
 
 

@@ -72,13 +72,21 @@ def bank_summary(header: dict[str, Any]) -> dict[str, Any]:
     concepts = []
     for c in header.get("concepts", []):
         cfg = (c.get("info") or {}).get("config") or {}
-        concepts.append({
-            "name": c["name"], "triggers": list(c.get("triggers", [])), "rank": c.get("rank"),
-            "method": c.get("method"), "source": c.get("source", "trained"), "steps": cfg.get("steps"),
-        })
+        concepts.append(
+            {
+                "name": c["name"],
+                "triggers": list(c.get("triggers", [])),
+                "rank": c.get("rank"),
+                "method": c.get("method"),
+                "source": c.get("source", "trained"),
+                "steps": cfg.get("steps"),
+            }
+        )
     return {
-        "architecture": header.get("architecture"), "layer_naming": header.get("layer_naming"),
-        "layers": len(header.get("layers", [])), "fingerprint": header.get("fingerprint"),
+        "architecture": header.get("architecture"),
+        "layer_naming": header.get("layer_naming"),
+        "layers": len(header.get("layers", [])),
+        "fingerprint": header.get("fingerprint"),
         "concepts": concepts,
     }
 

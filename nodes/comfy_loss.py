@@ -43,8 +43,9 @@ def _sigmas(ms: Any, u: torch.Tensor) -> torch.Tensor:
     return torch.tensor([float(ms.percent_to_sigma(float(1 - x))) for x in u])
 
 
-def make_batches(n_items: int, batch_size: int, seed: int, latent_shape: Sequence[int],
-                 prior: bool = False) -> Callable[[int], dict[str, Any]]:
+def make_batches(
+    n_items: int, batch_size: int, seed: int, latent_shape: Sequence[int], prior: bool = False
+) -> Callable[[int], dict[str, Any]]:
     """step -> {"idx", "noise", "u", "prior"}: image indices, noise and timestep fractions."""
     if n_items < 1:
         raise ValueError("no training images")
@@ -60,8 +61,9 @@ def make_batches(n_items: int, batch_size: int, seed: int, latent_shape: Sequenc
     return batch
 
 
-def make_loss(base_model: Any, data: DenoiseData, device: torch.device,
-              weighting: str = "eps") -> Callable[[Any, dict[str, Any]], torch.Tensor]:
+def make_loss(
+    base_model: Any, data: DenoiseData, device: torch.device, weighting: str = "eps"
+) -> Callable[[Any, dict[str, Any]], torch.Tensor]:
     """(module, batch) -> scalar loss of ``base_model`` (a ComfyUI ``BaseModel``) on `data`.
 
     The module argument is the diffusion model the trainer adapts; the loss runs through
@@ -89,4 +91,3 @@ def make_loss(base_model: Any, data: DenoiseData, device: torch.device,
         return diff.pow(2).mean()
 
     return loss_fn
-

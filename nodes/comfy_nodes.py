@@ -150,9 +150,12 @@ def _prune_autosaves(latest: Path, keep: int) -> None:
     """Keep the `keep` newest finished autosaves of this concept name (``<name>-<key>.bank``)."""
     stem = latest.name.rsplit("-", 1)[0]
     pattern = re.compile(re.escape(stem) + r"-[0-9a-f]{20}\.bank")
-    older = sorted((p for p in latest.parent.iterdir() if p != latest and pattern.fullmatch(p.name)),
-                   key=lambda p: p.stat().st_mtime, reverse=True)
-    for p in older[max(0, keep - 1):]:
+    older = sorted(
+        (p for p in latest.parent.iterdir() if p != latest and pattern.fullmatch(p.name)),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
+    for p in older[max(0, keep - 1) :]:
         p.unlink(missing_ok=True)
 
 
@@ -165,10 +168,27 @@ def _image_batch(img: Image.Image) -> torch.Tensor:
 
 @_configure(schema.TRAIN)
 class SeqLoRATrainConcept:
-    def run(self, model, clip, vae, images, concept_name: str, trigger_words: str, method: str, rank: int,
-            steps: int, learning_rate: float, interference_budget: float, target_preset: str, seed: int,
-            batch_size: int, caption_template: str, bank: ConceptBank | None = None, captions: str | None = None,
-            unique_id: str | None = None):
+    def run(
+        self,
+        model,
+        clip,
+        vae,
+        images,
+        concept_name: str,
+        trigger_words: str,
+        method: str,
+        rank: int,
+        steps: int,
+        learning_rate: float,
+        interference_budget: float,
+        target_preset: str,
+        seed: int,
+        batch_size: int,
+        caption_template: str,
+        bank: ConceptBank | None = None,
+        captions: str | None = None,
+        unique_id: str | None = None,
+    ):
         name = concept_name.strip()
         if not name:
             raise ValueError("concept_name: empty; give the concept a unique name such as 'my_dog'")
@@ -180,12 +200,17 @@ class SeqLoRATrainConcept:
             raise ValueError("images: no training images")
         base, removed = strip_concepts(model)
         if removed and (bank is None or not set(removed) <= set(bank.names())):
-            log.warning("SeqLoRA: the input model carried concepts %s that are not in the bank input; they are "
-                        "left out (connect their bank to keep them)", removed)
+            log.warning(
+                "SeqLoRA: the input model carried concepts %s that are not in the bank input; they are "
+                "left out (connect their bank to keep them)",
+                removed,
+            )
         arch = architecture(base)
         if getattr(base.model, "adm_channels", 0):
-            raise ValueError(f"model: training inside ComfyUI supports SD1.x/SD2.x UNets; this {arch} model needs "
-                             "extra conditioning (ADM). Train it with the command line; its bank loads here.")
+            raise ValueError(
+                f"model: training inside ComfyUI supports SD1.x/SD2.x UNets; this {arch} model needs "
+                "extra conditioning (ADM). Train it with the command line; its bank loads here."
+            )
         if bank is not None:
             bank = bank_for_model(bank, base)
 
@@ -202,9 +227,18 @@ class SeqLoRATrainConcept:
         prior_caps = [make_prior_caption(c, phrase) for c in caps]
 
         cfg = TrainConfig(
-            name=name, triggers=triggers, method=method, rank=int(rank), steps=int(steps), lr=float(learning_rate),
-            budget=float(interference_budget), targets=target_preset, seed=int(seed), layer_naming="ldm",
-            architecture=arch, checkpoint_every=25,
+            name=name,
+            triggers=triggers,
+            method=method,
+            rank=int(rank),
+            steps=int(steps),
+            lr=float(learning_rate),
+            budget=float(interference_budget),
+            targets=target_preset,
+            seed=int(seed),
+            layer_naming="ldm",
+            architecture=arch,
+            checkpoint_every=25,
         )
         cfg.validate()
 
@@ -267,9 +301,16 @@ class SeqLoRATrainConcept:
                 now = time.monotonic()
                 if now - last["t"] >= 0.2 or info.step >= info.total or info.step <= 1:
                     last["t"] = now
-                    _send(LOSS_EVENT, {"node": unique_id, "step": info.step, "total": info.total,
-                                       "loss": info.loss if math.isfinite(info.loss) else None,
-                                       "interference": info.interference})
+                    _send(
+                        LOSS_EVENT,
+                        {
+                            "node": unique_id,
+                            "step": info.step,
+                            "total": info.total,
+                            "loss": info.loss if math.isfinite(info.loss) else None,
+                            "interference": info.interference,
+                        },
+                    )
                 pbar.update_absolute(info.step, info.total)
 
             callbacks = TrainCallbacks(on_step=on_step, should_stop=mm.processing_interrupted)
@@ -309,8 +350,10 @@ def _resolve_folder(folder: str) -> Path:
     if not p.is_absolute():
         p = Path(folder_paths.get_input_directory()) / p
     if not p.is_dir():
-        raise FileNotFoundError(f"image folder not found: {text!r} (looked in {p}); put the concept's images in "
-                                f"a folder under ComfyUI's input folder or give an absolute path")
+        raise FileNotFoundError(
+            f"image folder not found: {text!r} (looked in {p}); put the concept's images in "
+            f"a folder under ComfyUI's input folder or give an absolute path"
+        )
     return p
 
 
@@ -360,8 +403,15 @@ class SeqLoRAMultiConceptLoader:
         except OSError:
             return "missing"
 
-    def run(self, model, bank_file: str, concepts: str, mode: str, bank: ConceptBank | None = None,
-            unique_id: str | None = None):
+    def run(
+        self,
+        model,
+        bank_file: str,
+        concepts: str,
+        mode: str,
+        bank: ConceptBank | None = None,
+        unique_id: str | None = None,
+    ):
         if bank_file == schema.LINKED_BANK:
             if bank is None:
                 raise ValueError("bank: nothing connected; connect a bank or choose a bank file")
@@ -374,12 +424,15 @@ class SeqLoRAMultiConceptLoader:
         available = chosen.names()
         unknown = [n for n, _, _ in items if n not in available]
         if unknown:
-            raise ValueError(f"concepts: {', '.join(map(repr, unknown))} not in the bank; it has: "
-                             f"{', '.join(available) or 'no concepts'}")
+            raise ValueError(
+                f"concepts: {', '.join(map(repr, unknown))} not in the bank; it has: "
+                f"{', '.join(available) or 'no concepts'}"
+            )
         strengths = {n: s for n, s, on in items if on} if items else {n: 1.0 for n in available}
         out = apply_bypass(base, chosen, strengths) if mode == "bypass" else apply_merged(base, chosen, strengths)
-        summary = [{"name": c.name, "triggers": c.triggers, "rank": c.rank, "method": c.method}
-                   for c in chosen.concepts]
+        summary = [
+            {"name": c.name, "triggers": c.triggers, "rank": c.rank, "method": c.method} for c in chosen.concepts
+        ]
         return {"ui": {"seqlora_concepts": summary}, "result": (out,)}
 
 
@@ -404,8 +457,9 @@ class SeqLoRASaveBank:
     def run(self, bank: ConceptBank, name: str, overwrite: bool):
         path = bankfiles.bank_dir() / bankfiles.safe_name(name, "name")
         if path.exists() and not overwrite:
-            raise FileExistsError(f"{path.name} already exists in models/seqlora; turn on overwrite or choose "
-                                  "another name")
+            raise FileExistsError(
+                f"{path.name} already exists in models/seqlora; turn on overwrite or choose another name"
+            )
         bankfiles.keep_backup(path)
         bank.save(path)
         text = f"saved {path.name}: {len(bank.concepts)} concepts ({', '.join(bank.names())})"
@@ -424,8 +478,9 @@ class SeqLoRAExportLoRA:
         out_dir = Path(folder_paths.get_folder_paths("loras")[0])
         path = out_dir / bankfiles.safe_name(filename.strip() or name, "filename")
         if path.exists() and not overwrite:
-            raise FileExistsError(f"{path.name} already exists in models/loras; turn on overwrite or choose "
-                                  "another file name")
+            raise FileExistsError(
+                f"{path.name} already exists in models/loras; turn on overwrite or choose another file name"
+            )
         export_concept(bank, name, path, "kohya", dtype)
         folder_paths.filename_list_cache.pop("loras", None)
         text = f"exported {name!r} to models/loras/{path.name} (triggers: {', '.join(concept.triggers)})"
@@ -445,15 +500,16 @@ def format_report(rep: dict[str, Any]) -> str:
         lines.append(f"forgetting bound (p >= {1 - rep['bound_delta']:.2f}), relative:")
         for t, row in enumerate(rep["bound"]):
             lines.append(f"{names[t]:<{w}} " + " ".join(f"{v:8.4f}" for v in row))
-        lines.append("base drift: " + ", ".join(f"{n} {d:.4f}" for n, d in zip(names, rep["base_drift"],
-                                                                                 strict=True)))
+        lines.append("base drift: " + ", ".join(f"{n} {d:.4f}" for n, d in zip(names, rep["base_drift"], strict=True)))
     soft = {k: v for k, v in rep["capacity"].items() if v["soft"]}
     used = max((v["used"] / max(v["total"], 1) for v in rep["capacity"].values()), default=0.0)
     lines.append(f"capacity: fullest layer {used:.0%} used")
     if soft:
         first = next(iter(soft))
-        lines.append(f"{len(soft)} layers ran out of room (orthogonality is a penalty there), e.g. {first}: "
-                     f"{', '.join(soft[first]['soft'])}")
+        lines.append(
+            f"{len(soft)} layers ran out of room (orthogonality is a penalty there), e.g. {first}: "
+            f"{', '.join(soft[first]['soft'])}"
+        )
     return "\n".join(lines)
 
 
@@ -473,7 +529,14 @@ class SeqLoRAInterferenceReport:
 
 NODE_CLASS_MAPPINGS = {
     cls.SPEC.node_id: cls
-    for cls in (SeqLoRATrainConcept, SeqLoRAImageFolder, SeqLoRAMultiConceptLoader, SeqLoRALoadBank,
-                SeqLoRASaveBank, SeqLoRAExportLoRA, SeqLoRAInterferenceReport)
+    for cls in (
+        SeqLoRATrainConcept,
+        SeqLoRAImageFolder,
+        SeqLoRAMultiConceptLoader,
+        SeqLoRALoadBank,
+        SeqLoRASaveBank,
+        SeqLoRAExportLoRA,
+        SeqLoRAInterferenceReport,
+    )
 }
 NODE_DISPLAY_NAME_MAPPINGS = {k: v.SPEC.display_name for k, v in NODE_CLASS_MAPPINGS.items()}

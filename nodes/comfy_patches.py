@@ -36,8 +36,15 @@ class SeqLoraPatch(LoRAAdapter):
 class SeqLoraBypassForward:
     """Replacement ``forward`` of one layer: the layer's own forward plus the stacked low-rank sum."""
 
-    def __init__(self, module: torch.nn.Module, spec: LayerSpec, a: torch.Tensor, b: torch.Tensor,
-                 concepts: tuple[str, ...], fingerprint: str):
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        spec: LayerSpec,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        concepts: tuple[str, ...],
+        fingerprint: str,
+    ):
         self.module = module
         self.spec = spec
         self.a, self.b = a, b

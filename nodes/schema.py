@@ -136,37 +136,100 @@ TRAIN = NodeSpec(
     "(SeqLoRA). Outputs the bank with the new concept appended and the model with every concept of the "
     "bank applied. Progress is autosaved: queue again after a cancel to resume.",
     (
-        Inp("model", "MODEL", "The base diffusion model (SD1.5/SDXL). SeqLoRA concepts already applied to it "
-            "are ignored: the bank input supplies the earlier concepts."),
+        Inp(
+            "model",
+            "MODEL",
+            "The base diffusion model (SD1.5/SDXL). SeqLoRA concepts already applied to it "
+            "are ignored: the bank input supplies the earlier concepts.",
+        ),
         Inp("clip", "CLIP", "Text encoder used to encode the training captions."),
         Inp("vae", "VAE", "VAE used to encode the training images into latents."),
-        Inp("images", "IMAGE", "The concept's training images (3-20 is typical), e.g. from "
-            "'SeqLoRA Image Folder' or Load Image nodes batched together."),
-        Inp("concept_name", "STRING", "Unique name of the concept inside the bank (e.g. 'my_dog').",
-            default="concept"),
-        Inp("trigger_words", "STRING", "Trigger word(s) that call the concept in prompts (e.g. 'sks dog'). "
-            "Added to every caption that lacks them.", default="sks"),
-        Inp("method", "COMBO", "seqlora: the bilevel method (learned orthogonal basis). The others are "
-            "baselines for comparison.", default="seqlora", choices="methods"),
-        Inp("rank", "INT", "LoRA rank r of the concept at every layer (4-16 is typical).",
-            default=4, min=1, max=128, step=1),
+        Inp(
+            "images",
+            "IMAGE",
+            "The concept's training images (3-20 is typical), e.g. from "
+            "'SeqLoRA Image Folder' or Load Image nodes batched together.",
+        ),
+        Inp("concept_name", "STRING", "Unique name of the concept inside the bank (e.g. 'my_dog').", default="concept"),
+        Inp(
+            "trigger_words",
+            "STRING",
+            "Trigger word(s) that call the concept in prompts (e.g. 'sks dog'). "
+            "Added to every caption that lacks them.",
+            default="sks",
+        ),
+        Inp(
+            "method",
+            "COMBO",
+            "seqlora: the bilevel method (learned orthogonal basis). The others are baselines for comparison.",
+            default="seqlora",
+            choices="methods",
+        ),
+        Inp(
+            "rank",
+            "INT",
+            "LoRA rank r of the concept at every layer (4-16 is typical).",
+            default=4,
+            min=1,
+            max=128,
+            step=1,
+        ),
         Inp("steps", "INT", "Training steps for this concept.", default=500, min=1, max=100000, step=1),
-        Inp("learning_rate", "FLOAT", "Learning rate of the up factor B (the basis uses 0.1x).",
-            default=1e-4, min=1e-7, max=1.0, step=1e-6),
-        Inp("interference_budget", "FLOAT", "Allowed interference on earlier concepts, relative to the "
-            "concept's own energy (eps of the constraint; 0.05 = 5%).", default=0.05, min=0.0, max=10.0,
-            step=0.005),
-        Inp("target_preset", "COMBO", "Which layers get adapters: attn = attention q/k/v/out of every "
-            "transformer block (default).", default="attn", choices="presets"),
-        Inp("seed", "INT", "Seed of the data order, noise and timesteps; same inputs + seed = same result.",
-            default=0, min=0, max=SEED_MAX, control_after_generate=False),
+        Inp(
+            "learning_rate",
+            "FLOAT",
+            "Learning rate of the up factor B (the basis uses 0.1x).",
+            default=1e-4,
+            min=1e-7,
+            max=1.0,
+            step=1e-6,
+        ),
+        Inp(
+            "interference_budget",
+            "FLOAT",
+            "Allowed interference on earlier concepts, relative to the "
+            "concept's own energy (eps of the constraint; 0.05 = 5%).",
+            default=0.05,
+            min=0.0,
+            max=10.0,
+            step=0.005,
+        ),
+        Inp(
+            "target_preset",
+            "COMBO",
+            "Which layers get adapters: attn = attention q/k/v/out of every transformer block (default).",
+            default="attn",
+            choices="presets",
+        ),
+        Inp(
+            "seed",
+            "INT",
+            "Seed of the data order, noise and timesteps; same inputs + seed = same result.",
+            default=0,
+            min=0,
+            max=SEED_MAX,
+            control_after_generate=False,
+        ),
         Inp("batch_size", "INT", "Images per training step.", default=1, min=1, max=64),
-        Inp("caption_template", "STRING", "Caption for images without one; {trigger} is replaced by the "
-            "trigger words.", default="a photo of {trigger}"),
-        Inp("bank", BANK, "Bank of earlier concepts (from Load Bank or a previous Train node). Leave "
-            "empty to start a new bank.", optional=True),
-        Inp("captions", "STRING", "One caption per image, one per line (e.g. from 'SeqLoRA Image Folder'); "
-            "empty lines use the template.", optional=True, force_input=True),
+        Inp(
+            "caption_template",
+            "STRING",
+            "Caption for images without one; {trigger} is replaced by the trigger words.",
+            default="a photo of {trigger}",
+        ),
+        Inp(
+            "bank",
+            BANK,
+            "Bank of earlier concepts (from Load Bank or a previous Train node). Leave empty to start a new bank.",
+            optional=True,
+        ),
+        Inp(
+            "captions",
+            "STRING",
+            "One caption per image, one per line (e.g. from 'SeqLoRA Image Folder'); empty lines use the template.",
+            optional=True,
+            force_input=True,
+        ),
     ),
     (
         Out(BANK, "bank", "The bank with this concept appended."),
@@ -182,10 +245,21 @@ IMAGE_FOLDER = NodeSpec(
     "Read a concept's training images (and same-name .txt captions) from a folder; kohya 'N_name' "
     "subfolders repeat their images N times.",
     (
-        Inp("folder", "STRING", "Folder of training images: absolute, or relative to ComfyUI's input folder.",
-            default="seqlora/my_concept"),
-        Inp("resolution", "INT", "Side of the square training images (center crop); 512 for SD1.5.",
-            default=512, min=64, max=2048, step=64),
+        Inp(
+            "folder",
+            "STRING",
+            "Folder of training images: absolute, or relative to ComfyUI's input folder.",
+            default="seqlora/my_concept",
+        ),
+        Inp(
+            "resolution",
+            "INT",
+            "Side of the square training images (center crop); 512 for SD1.5.",
+            default=512,
+            min=64,
+            max=2048,
+            step=64,
+        ),
     ),
     (
         Out("IMAGE", "images", "The images, resized to resolution x resolution."),
@@ -200,16 +274,34 @@ LOADER = NodeSpec(
     "Apply any subset of the bank's concepts with their own strengths, without fusion: W = W0 + sum s_t dW_t.",
     (
         Inp("model", "MODEL", "The base model the bank was trained on."),
-        Inp("bank_file", "COMBO", "Bank file in models/seqlora, or '(linked bank)' to use the bank input.",
-            default=LINKED_BANK, choices="bank_files"),
-        Inp("concepts", "STRING", "Which concepts and how strongly: 'name:strength, ...'; '!name:s' keeps a "
+        Inp(
+            "bank_file",
+            "COMBO",
+            "Bank file in models/seqlora, or '(linked bank)' to use the bank input.",
+            default=LINKED_BANK,
+            choices="bank_files",
+        ),
+        Inp(
+            "concepts",
+            "STRING",
+            "Which concepts and how strongly: 'name:strength, ...'; '!name:s' keeps a "
             "concept listed but off. Empty = every concept at 1.0. The node's concept list edits this.",
-            default=""),
-        Inp("mode", "COMBO", "merged: added into the weights (no cost per step, ComfyUI's patch mechanism). "
+            default="",
+        ),
+        Inp(
+            "mode",
+            "COMBO",
+            "merged: added into the weights (no cost per step, ComfyUI's patch mechanism). "
             "bypass: y = f(x) + sum s B(Ax) at run time (instant toggling, quantised/offloaded weights).",
-            default="merged", choices=("merged", "bypass")),
-        Inp("bank", BANK, "A bank from Load Bank or a Train node; used when bank_file is '(linked bank)'.",
-            optional=True),
+            default="merged",
+            choices=("merged", "bypass"),
+        ),
+        Inp(
+            "bank",
+            BANK,
+            "A bank from Load Bank or a Train node; used when bank_file is '(linked bank)'.",
+            optional=True,
+        ),
     ),
     (Out("MODEL", "model", "The model with the chosen concepts applied."),),
     hidden={"unique_id": "UNIQUE_ID"},
@@ -230,8 +322,13 @@ SAVE_BANK = NodeSpec(
     (
         Inp("bank", BANK, "The bank to save."),
         Inp("name", "STRING", "File name in models/seqlora ('.safetensors' is added).", default="my_concepts"),
-        Inp("overwrite", "BOOLEAN", "Replace an existing file of that name (its old version is kept as "
-            "<name>.safetensors.bak). Off: refuse if the file exists.", default=True),
+        Inp(
+            "overwrite",
+            "BOOLEAN",
+            "Replace an existing file of that name (its old version is kept as "
+            "<name>.safetensors.bak). Off: refuse if the file exists.",
+            default=True,
+        ),
     ),
     (Out("STRING", "path", "Where the bank was written."),),
     output_node=True,
@@ -244,13 +341,16 @@ EXPORT = NodeSpec(
     "loads with the stock LoraLoader and in A1111/Forge.",
     (
         Inp("bank", BANK, "The bank holding the concept."),
-        Inp("concept_name", "STRING", "Concept to export; empty = the last concept of the bank.",
-            default=LAST_CONCEPT),
+        Inp("concept_name", "STRING", "Concept to export; empty = the last concept of the bank.", default=LAST_CONCEPT),
         Inp("filename", "STRING", "File name in models/loras; empty = the concept name.", default=""),
-        Inp("dtype", "COMBO", "Precision of the file: fp16 (usual), bf16, or fp32 (bit-exact factors).",
-            default="fp16", choices=("fp16", "bf16", "fp32")),
-        Inp("overwrite", "BOOLEAN", "Replace an existing file of that name. Off: refuse if it exists.",
-            default=True),
+        Inp(
+            "dtype",
+            "COMBO",
+            "Precision of the file: fp16 (usual), bf16, or fp32 (bit-exact factors).",
+            default="fp16",
+            choices=("fp16", "bf16", "fp32"),
+        ),
+        Inp("overwrite", "BOOLEAN", "Replace an existing file of that name. Off: refuse if it exists.", default=True),
     ),
     (Out("STRING", "path", "Where the LoRA was written."),),
     output_node=True,
@@ -263,8 +363,15 @@ REPORT = NodeSpec(
     "per-layer capacity, as a heatmap and text.",
     (
         Inp("bank", BANK, "The bank to report on."),
-        Inp("delta", "FLOAT", "Failure probability of the forgetting bound (0.05 = 95% bound).",
-            default=0.05, min=1e-6, max=0.5, step=0.01),
+        Inp(
+            "delta",
+            "FLOAT",
+            "Failure probability of the forgetting bound (0.05 = 95% bound).",
+            default=0.05,
+            min=1e-6,
+            max=0.5,
+            step=0.01,
+        ),
     ),
     (
         Out("IMAGE", "heatmap", "Heatmap of the relative interference (rows t, columns j)."),

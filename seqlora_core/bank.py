@@ -156,9 +156,7 @@ class ConceptBank:
             )
         layers = [replace(s, name=mapping[s.name]) for s in self.layers]
         prior = {mapping[k]: v for k, v in self.prior.items()}
-        concepts = [
-            replace(c, layers={mapping[k]: v for k, v in c.layers.items()}) for c in self.concepts
-        ]
+        concepts = [replace(c, layers={mapping[k]: v for k, v in c.layers.items()}) for c in self.concepts]
         return replace(self, layers=layers, prior=prior, concepts=concepts, layer_naming=naming)
 
     # ---- model checks --------------------------------------------------------------------------
@@ -315,13 +313,24 @@ def _decode(header: dict, tensors: dict[str, torch.Tensor]) -> ConceptBank:
             )
         concepts.append(
             Concept(
-                c["name"], list(c["triggers"]), c["rank"], c["method"], cls, c.get("source", "trained"),
-                list(c.get("loss_curve", [])), dict(c.get("timings", {})), dict(c.get("info", {})),
+                c["name"],
+                list(c["triggers"]),
+                c["rank"],
+                c["method"],
+                cls,
+                c.get("source", "trained"),
+                list(c.get("loss_curve", [])),
+                dict(c.get("timings", {})),
+                dict(c.get("info", {})),
             )
         )
     bank = ConceptBank(
-        layers, header.get("layer_naming", "module"), header.get("architecture", "unknown"), prior,
-        concepts, dict(header.get("meta", {})),
+        layers,
+        header.get("layer_naming", "module"),
+        header.get("architecture", "unknown"),
+        prior,
+        concepts,
+        dict(header.get("meta", {})),
     )
     if header.get("fingerprint") and header["fingerprint"] != bank.fingerprint:
         raise BankFormatError("the bank's layer list does not match its recorded fingerprint; the file is damaged")

@@ -62,10 +62,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     dataset = ConceptDataset.from_folder(args.images, args.trigger, args.caption_template, resolution)
     data = DiffusersConceptData(pipe, dataset, batch_size=args.batch_size, seed=args.seed)
     cfg = TrainConfig(
-        name=name, triggers=[args.trigger], method=args.method, rank=args.rank, steps=args.steps, lr=args.lr,
-        budget=args.budget, targets=args.targets, context=args.context, seed=args.seed,
+        name=name,
+        triggers=[args.trigger],
+        method=args.method,
+        rank=args.rank,
+        steps=args.steps,
+        lr=args.lr,
+        budget=args.budget,
+        targets=args.targets,
+        context=args.context,
+        seed=args.seed,
         checkpoint_path=str(bank_path.with_name(f"{bank_path.stem}.{name}.partial.safetensors")),
-        checkpoint_every=args.checkpoint_every, layer_naming="diffusers", architecture=_architecture(args.base, pipe),
+        checkpoint_every=args.checkpoint_every,
+        layer_naming="diffusers",
+        architecture=_architecture(args.base, pipe),
     )
     bar = tqdm(total=args.steps, desc=f"training {name!r} ({args.method})", unit="step", disable=args.quiet)
 
@@ -80,8 +90,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         prior = toy_prior_data(pipe, seed=args.seed).batches
     try:
-        new_bank = train_concept(pipe.unet, diffusion_loss, data.batches, cfg, bank, prior,
-                                 TrainCallbacks(on_step=on_step, on_phase=lambda p: bar.set_description(p)))
+        new_bank = train_concept(
+            pipe.unet,
+            diffusion_loss,
+            data.batches,
+            cfg,
+            bank,
+            prior,
+            TrainCallbacks(on_step=on_step, on_phase=lambda p: bar.set_description(p)),
+        )
     except (KeyboardInterrupt, TrainingCancelled):
         bar.close()
         print(f"interrupted; progress is in {cfg.checkpoint_path}: run the same command to resume", file=sys.stderr)
@@ -89,8 +106,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     bar.close()
     new_bank.save(bank_path)
     c = new_bank.concepts[-1]
-    print(f"learned {c.name!r} ({c.method}, rank {c.rank}) in {c.timings['total_s']:.1f} s; "
-          f"bank {bank_path} now holds {len(new_bank.concepts)} concepts: {', '.join(new_bank.names())}")
+    print(
+        f"learned {c.name!r} ({c.method}, rank {c.rank}) in {c.timings['total_s']:.1f} s; "
+        f"bank {bank_path} now holds {len(new_bank.concepts)} concepts: {', '.join(new_bank.names())}"
+    )
     if c.info.get("soft_layers"):
         print(f"note: {len(c.info['soft_layers'])} layers were full; orthogonality there is a penalty only")
     return 0
@@ -197,15 +216,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--trigger", required=True, help="trigger words of the concept, e.g. 'sks dog'")
     t.add_argument("--bank", required=True, help="bank file (.safetensors)")
     t.add_argument("--name", help="concept name (default: the first trigger word)")
-    t.add_argument("--method", default="seqlora",
-                   help="seqlora (default), lora, sequential, ortho_frozen, joint, fusion")
+    t.add_argument(
+        "--method", default="seqlora", help="seqlora (default), lora, sequential, ortho_frozen, joint, fusion"
+    )
     t.add_argument("--rank", type=int, default=4)
     t.add_argument("--steps", type=int, default=500)
     t.add_argument("--lr", type=float, default=1e-4, help="learning rate of the up factor (basis: 0.1x)")
     t.add_argument("--budget", type=float, default=0.05, help="interference budget eps (relative)")
     t.add_argument("--targets", default="attn", help="attn (default), cross_kv, attn_ff, all_linear, or name patterns")
-    t.add_argument("--context", choices=["stacked", "base"], default=None, help="train on top of earlier concepts "
-                   "(stacked, SeqLoRA's default) or on the base model")
+    t.add_argument(
+        "--context",
+        choices=["stacked", "base"],
+        default=None,
+        help="train on top of earlier concepts (stacked, SeqLoRA's default) or on the base model",
+    )
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--batch-size", type=int, default=1)
     t.add_argument("--resolution", type=int, default=None, help="training resolution (default: the model's)")

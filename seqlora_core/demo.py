@@ -36,8 +36,18 @@ def _train_one(pipe, bank, k: int, out: Path, steps: int, seed: int, quiet: bool
         bar.update(info.step - bar.n)
         bar.set_postfix(loss=f"{info.loss:.3f}", interference=f"{info.interference:.3f}", refresh=False)
 
-    bank = learn_toy_concept(pipe, bank, k, out / "concepts" / trigger, steps=steps, lr=DEMO_LR, seed=seed,
-                             images=DEMO_IMAGES, callbacks=TrainCallbacks(on_step=on_step), **DEMO_TRAIN)
+    bank = learn_toy_concept(
+        pipe,
+        bank,
+        k,
+        out / "concepts" / trigger,
+        steps=steps,
+        lr=DEMO_LR,
+        seed=seed,
+        images=DEMO_IMAGES,
+        callbacks=TrainCallbacks(on_step=on_step),
+        **DEMO_TRAIN,
+    )
     bar.close()
     return bank
 
@@ -80,11 +90,11 @@ def run_demo(out: Path, concepts: int = 4, steps: int | None = None, seed: int =
     at_end, end_images = concept_identity(pipe, bank, None, names, ev)
     for i, n in enumerate(names):
         rows.append((f"{n} after its training", own_images[n]))
-        rows.append((f"{n} at the end", end_images[i * ev.seeds:(i + 1) * ev.seeds]))
+        rows.append((f"{n} at the end", end_images[i * ev.seeds : (i + 1) * ev.seeds]))
     pairs = [(names[i], names[(i + 1) % len(names)]) for i in range(0, len(names) - 1, 2)] if len(names) > 1 else []
     pair_scores, pair_images = pair_identity(pipe, bank, pairs, ev) if pairs else ([], [])
     for i, (a, b) in enumerate(pairs):
-        rows.append((f"{a} + {b}", pair_images[i * ev.seeds:(i + 1) * ev.seeds]))
+        rows.append((f"{a} + {b}", pair_images[i * ev.seeds : (i + 1) * ev.seeds]))
     rows.extend(_prior_rows(pipe, bank, ev))
     _grid(rows).save(out / "grid.png")
     report = build_report(bank)
@@ -104,9 +114,11 @@ def run_demo(out: Path, concepts: int = 4, steps: int | None = None, seed: int =
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     if not quiet:
-        print(f"\nlearned {len(names)} concepts in {summary['wall_seconds']} s; identity after own training "
-              f"{summary['mean_identity_after_own']:.3f}, at the end {summary['mean_identity_at_end']:.3f}; "
-              f"pairs {[(round(p['left'], 3), round(p['right'], 3)) for p in pair_scores]}")
+        print(
+            f"\nlearned {len(names)} concepts in {summary['wall_seconds']} s; identity after own training "
+            f"{summary['mean_identity_after_own']:.3f}, at the end {summary['mean_identity_at_end']:.3f}; "
+            f"pairs {[(round(p['left'], 3), round(p['right'], 3)) for p in pair_scores]}"
+        )
         written = ", ".join(str(out / f) for f in ("grid.png", "interference.png", "summary.json", "bank.safetensors"))
         print(f"wrote {written}")
     return summary

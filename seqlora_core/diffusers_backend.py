@@ -223,8 +223,10 @@ class DiffusersConceptData:
         self._buckets = [buckets[k] for k in sorted(buckets)]
         self.steps_per_epoch = sum(math.ceil(len(b) / batch_size) for b in self._buckets)
         if not self.steps_per_epoch:
-            raise ValueError(f"the dataset for trigger {dataset.trigger!r} has no images with repeats >= 1 "
-                             f"({len(dataset)} images); give every image at least one repeat")
+            raise ValueError(
+                f"the dataset for trigger {dataset.trigger!r} has no images with repeats >= 1 "
+                f"({len(dataset)} images); give every image at least one repeat"
+            )
         self._plan: tuple[int, list[list[int]]] | None = None
 
     def indices(self, step: int) -> list[int]:
@@ -403,7 +405,14 @@ def generate(
     result does not depend on the device's RNG. Size defaults to the pipeline's native size."""
     g = torch.Generator("cpu").manual_seed(seed)
     out = pipe(
-        prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
-        height=height, width=width, num_images_per_prompt=num_images, generator=g, output_type="pil",
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        height=height,
+        width=width,
+        num_images_per_prompt=num_images,
+        generator=g,
+        output_type="pil",
     )
     return list(out.images)

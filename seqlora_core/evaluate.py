@@ -41,9 +41,21 @@ def toy_id(concept: Concept) -> int | None:
     return None
 
 
-def learn_toy_concept(pipe, bank: ConceptBank | None, k: int, folder: Path, method: str = "seqlora",
-                      steps: int = 150, lr: float = 3e-3, seed: int = 0, images: int = 8, stats_batches: int = 4,
-                      callbacks: TrainCallbacks | None = None, batch_size: int = 4, **config) -> ConceptBank:
+def learn_toy_concept(
+    pipe,
+    bank: ConceptBank | None,
+    k: int,
+    folder: Path,
+    method: str = "seqlora",
+    steps: int = 150,
+    lr: float = 3e-3,
+    seed: int = 0,
+    images: int = 8,
+    stats_batches: int = 4,
+    callbacks: TrainCallbacks | None = None,
+    batch_size: int = 4,
+    **config,
+) -> ConceptBank:
     """Toy concept ``k``: write its images to ``folder`` (if absent), learn it into ``bank``, return the new bank.
 
     ``config`` overrides further ``TrainConfig`` fields (``rank``, ``targets``, ``rho``, ...)."""
@@ -70,10 +82,17 @@ def toy_prior_data(pipe, n: int = 32, seed: int = 0) -> DiffusersConceptData:
     images, prompts, _ = scene_dataset(n, seed=10_000 + seed)
     prompts = ["" if i % 4 == 3 else p for i, p in enumerate(prompts)]  # the empty prompt: guidance's other half
     size = native_resolution(pipe)
-    ds = ConceptDataset(trigger="", resolution=size, resize="center_crop",
-                        pixels_u8=[torch.from_numpy(im).permute(2, 0, 1).contiguous() for im in images],
-                        captions=list(prompts), prior_captions=list(prompts), repeats=[1] * n,
-                        original_sizes=[(size, size)] * n, crops_top_left=[(0, 0)] * n)
+    ds = ConceptDataset(
+        trigger="",
+        resolution=size,
+        resize="center_crop",
+        pixels_u8=[torch.from_numpy(im).permute(2, 0, 1).contiguous() for im in images],
+        captions=list(prompts),
+        prior_captions=list(prompts),
+        repeats=[1] * n,
+        original_sizes=[(size, size)] * n,
+        crops_top_left=[(0, 0)] * n,
+    )
     return DiffusersConceptData(pipe, ds, batch_size=4, seed=seed)
 
 
@@ -89,8 +108,13 @@ def sample(pipe, prompts: Sequence[str], ev: EvalSettings) -> list[Image.Image]:
     for s in range(ev.seeds):
         noise = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(ev.base_seed + s))
         latents = noise.expand(len(prompts), -1, -1, -1).to(unet.device, unet.dtype)
-        out = pipe(prompt=list(prompts), num_inference_steps=ev.steps, guidance_scale=ev.guidance, latents=latents,
-                   output_type="pil")
+        out = pipe(
+            prompt=list(prompts),
+            num_inference_steps=ev.steps,
+            guidance_scale=ev.guidance,
+            latents=latents,
+            output_type="pil",
+        )
         per_seed.append(out.images)
     for p in range(len(prompts)):
         images.extend(per_seed[s][p] for s in range(ev.seeds))
@@ -102,8 +126,9 @@ def _scores(images: Sequence[Image.Image], ids: Sequence[int]) -> list[float]:
     return [float(probs[i, c]) for i, c in enumerate(ids)]
 
 
-def concept_identity(pipe, bank: ConceptBank, selection: Mapping[str, float] | None, names: Sequence[str],
-                     ev: EvalSettings) -> tuple[dict[str, float], list[Image.Image]]:
+def concept_identity(
+    pipe, bank: ConceptBank, selection: Mapping[str, float] | None, names: Sequence[str], ev: EvalSettings
+) -> tuple[dict[str, float], list[Image.Image]]:
     """Mean identity probability of each named concept, prompted alone, with ``selection`` composed."""
     concepts = [bank.concept(n) for n in names]
     ids = [toy_id(c) for c in concepts]
@@ -113,7 +138,7 @@ def concept_identity(pipe, bank: ConceptBank, selection: Mapping[str, float] | N
     with compose(pipe.unet, bank, selection, "merged"):
         images = sample(pipe, prompts, ev)
     scores = _scores(images, [i for i in ids for _ in range(ev.seeds)])
-    return {n: sum(scores[k * ev.seeds:(k + 1) * ev.seeds]) / ev.seeds for k, n in enumerate(names)}, images
+    return {n: sum(scores[k * ev.seeds : (k + 1) * ev.seeds]) / ev.seeds for k, n in enumerate(names)}, images
 
 
 def _half(img: Image.Image, left: bool) -> Image.Image:
@@ -126,8 +151,13 @@ def _half(img: Image.Image, left: bool) -> Image.Image:
     return canvas
 
 
-def pair_identity(pipe, bank: ConceptBank, pairs: Sequence[tuple[str, str]], ev: EvalSettings,
-                  selection: Mapping[str, float] | None = None) -> tuple[list[dict], list[Image.Image]]:
+def pair_identity(
+    pipe,
+    bank: ConceptBank,
+    pairs: Sequence[tuple[str, str]],
+    ev: EvalSettings,
+    selection: Mapping[str, float] | None = None,
+) -> tuple[list[dict], list[Image.Image]]:
     """Both concepts of each pair in one prompt ("A on the left and B on the right"), scored per half."""
     prompts, ids = [], []
     for a, b in pairs:

@@ -40,24 +40,32 @@ BASE_MODELS: dict[str, tuple[str, str, str, bool]] = {
 PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".pkl"}
 _TEXT_ENCODER = re.compile(r"^(lora_te\d*_|text_encoders?(_\d+)?\.|te\d?\.|text_model\.)")
 _SUFFIXES = (
-    (".lora_down.weight", "down"), (".lora_up.weight", "up"),
-    (".lora_A.weight", "down"), (".lora_B.weight", "up"),
-    (".lora_A.default.weight", "down"), (".lora_B.default.weight", "up"),
+    (".lora_down.weight", "down"),
+    (".lora_up.weight", "up"),
+    (".lora_A.weight", "down"),
+    (".lora_B.weight", "up"),
+    (".lora_A.default.weight", "down"),
+    (".lora_B.default.weight", "up"),
     (".alpha", "alpha"),
 )
 # a module carrying one of these is not a plain LoRA pair (Tucker mid, DoRA): it is skipped whole
 _UNSUPPORTED = (
-    ".lora_mid.weight", ".dora_scale", ".lora_magnitude_vector", ".lora_magnitude_vector.default.weight",
+    ".lora_mid.weight",
+    ".dora_scale",
+    ".lora_magnitude_vector",
+    ".lora_magnitude_vector.default.weight",
 )
 # dotted prefixes -> the naming the rest of the key is in
 _DOTTED_PREFIXES = (
-    ("base_model.model.", "diffusers"), ("unet.", "diffusers"),
-    ("model.diffusion_model.", "ldm"), ("diffusion_model.", "ldm"),
+    ("base_model.model.", "diffusers"),
+    ("unet.", "diffusers"),
+    ("model.diffusion_model.", "ldm"),
+    ("diffusion_model.", "ldm"),
 )
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """"fp16" | "bf16" | "fp32" or a torch float dtype -> torch dtype."""
+    """ "fp16" | "bf16" | "fp32" or a torch float dtype -> torch dtype."""
     if isinstance(dtype, torch.dtype):
         if dtype not in _DTYPES.values():
             raise ValueError(f"unsupported save dtype {dtype}")
@@ -81,9 +89,7 @@ def _balance(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     return a * s, b / s
 
 
-def _file_pairs(
-    factors: Factors, kernels: Kernels | None, dtype: torch.dtype
-) -> dict[str, tuple[Tensor, Tensor]]:
+def _file_pairs(factors: Factors, kernels: Kernels | None, dtype: torch.dtype) -> dict[str, tuple[Tensor, Tensor]]:
     """name -> (down, up) in file layout: Conv2d down (r, in, kh, kw), up (m, r, 1, 1)."""
     if not factors:
         raise ValueError("no layers to export: `factors` is empty")
@@ -106,7 +112,9 @@ def _file_pairs(
 
 
 def kohya_state_dict(
-    factors: Factors, kernels: Kernels | None = None, prefix: str = "lora_unet",
+    factors: Factors,
+    kernels: Kernels | None = None,
+    prefix: str = "lora_unet",
     dtype: str | torch.dtype = torch.float32,
 ) -> dict[str, Tensor]:
     """kohya tensors: `<prefix>_<name>.lora_down.weight`, `.lora_up.weight`, `.alpha` = r.
@@ -123,7 +131,9 @@ def kohya_state_dict(
 
 
 def peft_state_dict(
-    factors: Factors, kernels: Kernels | None = None, prefix: str = "unet",
+    factors: Factors,
+    kernels: Kernels | None = None,
+    prefix: str = "unet",
     dtype: str | torch.dtype = torch.float32,
 ) -> dict[str, Tensor]:
     """diffusers/PEFT tensors: `<prefix>.<name>.lora_A.weight` (down), `.lora_B.weight` (up); scale 1."""
@@ -135,8 +145,12 @@ def peft_state_dict(
 
 
 def lora_metadata(
-    factors: Factors, triggers: Sequence[str], title: str, base_model_version: str = "sd_v1",
-    extra_metadata: Mapping[str, str] | None = None, concept_name: str | None = None,
+    factors: Factors,
+    triggers: Sequence[str],
+    title: str,
+    base_model_version: str = "sd_v1",
+    extra_metadata: Mapping[str, str] | None = None,
+    concept_name: str | None = None,
     num_images: int | None = None,
 ) -> dict[str, str]:
     """kohya `ss_*` and SAI `modelspec.*` header fields (all strings) that A1111/ComfyUI/Forge show."""
@@ -174,9 +188,7 @@ def lora_metadata(
     return meta
 
 
-def write_safetensors(
-    path: str | os.PathLike, tensors: Mapping[str, Tensor], metadata: Mapping[str, str]
-) -> Path:
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> Path:
     """Write a safetensors file atomically: a temp file in the same folder, fsync, then os.replace."""
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -185,34 +197,46 @@ def write_safetensors(
 
 
 def save_kohya(
-    path: str | os.PathLike, factors: Factors, kernels: Kernels | None, triggers: Sequence[str], title: str,
-    base_model_version: str = "sd_v1", extra_metadata: Mapping[str, str] | None = None, *,
-    dtype: str | torch.dtype = "fp16", concept_name: str | None = None, num_images: int | None = None,
+    path: str | os.PathLike,
+    factors: Factors,
+    kernels: Kernels | None,
+    triggers: Sequence[str],
+    title: str,
+    base_model_version: str = "sd_v1",
+    extra_metadata: Mapping[str, str] | None = None,
+    *,
+    dtype: str | torch.dtype = "fp16",
+    concept_name: str | None = None,
+    num_images: int | None = None,
 ) -> Path:
     """One concept as a kohya LoRA (`lora_unet_*`, alpha = r) with kohya/A1111 metadata.
 
     Names are written as given (diffusers or LDM module names; ComfyUI, A1111 and Forge read both).
     `dtype`: "fp16" (default, what kohya users get), "bf16" or "fp32" (bit-exact factors).
     """
-    meta = lora_metadata(
-        factors, triggers, title, base_model_version, extra_metadata, concept_name, num_images
-    )
+    meta = lora_metadata(factors, triggers, title, base_model_version, extra_metadata, concept_name, num_images)
     return write_safetensors(path, kohya_state_dict(factors, kernels, dtype=dtype), meta)
 
 
 def save_peft(
-    path: str | os.PathLike, factors: Factors, kernels: Kernels | None = None, triggers: Sequence[str] = (),
-    title: str = "", base_model_version: str = "sd_v1", extra_metadata: Mapping[str, str] | None = None, *,
-    dtype: str | torch.dtype = "fp16", concept_name: str | None = None, num_images: int | None = None,
+    path: str | os.PathLike,
+    factors: Factors,
+    kernels: Kernels | None = None,
+    triggers: Sequence[str] = (),
+    title: str = "",
+    base_model_version: str = "sd_v1",
+    extra_metadata: Mapping[str, str] | None = None,
+    *,
+    dtype: str | torch.dtype = "fp16",
+    concept_name: str | None = None,
+    num_images: int | None = None,
 ) -> Path:
     """One concept in diffusers/PEFT form (`unet.<name>.lora_A/lora_B`), loadable by `load_lora_weights`.
 
     `factors` must use diffusers module names. ComfyUI does not map these keys for SD1.5 attention:
     ship `save_kohya` files to ComfyUI/A1111 users.
     """
-    meta = lora_metadata(
-        factors, triggers, title, base_model_version, extra_metadata, concept_name, num_images
-    )
+    meta = lora_metadata(factors, triggers, title, base_model_version, extra_metadata, concept_name, num_images)
     return write_safetensors(path, peft_state_dict(factors, kernels, dtype=dtype), meta)
 
 
@@ -230,7 +254,7 @@ def _dotted(stem: str) -> tuple[str, str | None]:
     """Strip a known dotted prefix -> (module name, the naming the prefix implies or None)."""
     for prefix, naming in _DOTTED_PREFIXES:
         if stem.startswith(prefix):
-            return stem[len(prefix):], naming
+            return stem[len(prefix) :], naming
     return stem, None
 
 
@@ -262,7 +286,7 @@ def _triggers(metadata: Mapping[str, str], top: int = 5) -> list[str]:
         return []
     counts: dict[str, int] = {}
     for tags in freq.values() if isinstance(freq, dict) else ():
-        for tag, n in (tags.items() if isinstance(tags, dict) else ()):
+        for tag, n in tags.items() if isinstance(tags, dict) else ():
             counts[tag.strip()] = counts.get(tag.strip(), 0) + int(n)
     return [t for t, _ in sorted(counts.items(), key=lambda kv: -kv[1])[:top] if t]
 
@@ -270,8 +294,7 @@ def _triggers(metadata: Mapping[str, str], top: int = 5) -> list[str]:
 def _load(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise ValueError(
-            f"{path.name}: pickle-based LoRA files are not read (they can run code); "
-            "convert it to .safetensors first"
+            f"{path.name}: pickle-based LoRA files are not read (they can run code); convert it to .safetensors first"
         )
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -338,7 +361,10 @@ def _name_map(name_map: Any, stems: Iterable[str]) -> dict[str, str]:
 
 
 def read_lora_file(
-    path: str | os.PathLike, naming: str = "diffusers", name_map: Any = None, *,
+    path: str | os.PathLike,
+    naming: str = "diffusers",
+    name_map: Any = None,
+    *,
     module_names: Iterable[str] | None = None,
 ) -> tuple[dict[str, tuple[Tensor, Tensor]], dict[str, str], list[str]]:
     """Read a UNet LoRA -> (name -> (down r x n, up*alpha/r m x r) fp32 2-D, metadata, triggers).

@@ -17,7 +17,7 @@ def forgetting_bound(b: torch.Tensor, a: torch.Tensor, factor: torch.Tensor, del
 
     C = M^T M with M = dW F, for Gaussian inputs x = F z.
     """
-    m = (b.double() @ (a.double() @ factor.double()))
+    m = b.double() @ (a.double() @ factor.double())
     c = m.T @ m
     u = math.log(1.0 / delta)
     tr = float(torch.trace(c))

@@ -111,7 +111,12 @@ def import_lora(
             a, b = torch.zeros(1, spec.in_features), torch.zeros(spec.out_features, 1)
         layers[spec.name] = ConceptLayer(a, b)
     concept = Concept(
-        name, list(triggers if triggers is not None else file_triggers), rank, "imported", layers, "imported",
+        name,
+        list(triggers if triggers is not None else file_triggers),
+        rank,
+        "imported",
+        layers,
+        "imported",
         info={"file": path.name, "layers_in_file": len(factors), "layers_used": len(hit)},
     )
     return bank.with_concept(concept)

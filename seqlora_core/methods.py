@@ -25,17 +25,48 @@ class Method:
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("seqlora", "learned", True, False, "stacked",
-               summary="bilevel: learned orthogonal basis (upper), up factor fits the concept (lower)"),
+        Method(
+            "seqlora",
+            "learned",
+            True,
+            False,
+            "stacked",
+            summary="bilevel: learned orthogonal basis (upper), up factor fits the concept (lower)",
+        ),
         Method("lora", "free", False, False, "base", summary="a standard LoRA per concept on the base model"),
-        Method("sequential", "free", False, False, "stacked",
-               summary="a standard LoRA trained on top of the earlier concepts"),
-        Method("ortho_frozen", "frozen_slot", False, False, "base",
-               summary="Orthogonal Adaptation: frozen disjoint random basis slots, only B trained"),
-        Method("joint", "learned", True, True, "stacked",
-               summary="SeqLoRA's constraint and penalty, single-level (penalty gradient on B too)"),
-        Method("fusion", "free", False, False, "base", keep_moment=True,
-               summary="independent LoRAs fused by least squares at composition (Mix-of-Show-style)"),
+        Method(
+            "sequential",
+            "free",
+            False,
+            False,
+            "stacked",
+            summary="a standard LoRA trained on top of the earlier concepts",
+        ),
+        Method(
+            "ortho_frozen",
+            "frozen_slot",
+            False,
+            False,
+            "base",
+            summary="Orthogonal Adaptation: frozen disjoint random basis slots, only B trained",
+        ),
+        Method(
+            "joint",
+            "learned",
+            True,
+            True,
+            "stacked",
+            summary="SeqLoRA's constraint and penalty, single-level (penalty gradient on B too)",
+        ),
+        Method(
+            "fusion",
+            "free",
+            False,
+            False,
+            "base",
+            keep_moment=True,
+            summary="independent LoRAs fused by least squares at composition (Mix-of-Show-style)",
+        ),
     )
 }
 

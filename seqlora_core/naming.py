@@ -24,10 +24,19 @@ _RESNET = {
 # children of one Transformer2DModel / SpatialTransformer (same names in both layouts)
 _ATTENTION = ("norm", "proj_in", "proj_out")
 _TRANSFORMER_BLOCK = (
-    "norm1", "norm2", "norm3",
-    "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
-    "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
-    "ff.net.0.proj", "ff.net.2",
+    "norm1",
+    "norm2",
+    "norm3",
+    "attn1.to_q",
+    "attn1.to_k",
+    "attn1.to_v",
+    "attn1.to_out.0",
+    "attn2.to_q",
+    "attn2.to_k",
+    "attn2.to_v",
+    "attn2.to_out.0",
+    "ff.net.0.proj",
+    "ff.net.2",
 )
 _BASIC = {
     "conv_in": "input_blocks.0.0",
@@ -95,9 +104,7 @@ def _from_diffusers_config(cfg: Mapping[str, Any]) -> UNetStructure:
     tl = cfg.get("transformer_layers_per_block", 1)
     tl = [tl] * n if isinstance(tl, int) else list(tl)
     rtl = cfg.get("reverse_transformer_layers_per_block") or list(reversed(tl))
-    down = tuple(
-        _per_resnet(tl[i], lpb[i]) if _DOWN_TYPES[down_types[i]] else (0,) * lpb[i] for i in range(n)
-    )
+    down = tuple(_per_resnet(tl[i], lpb[i]) if _DOWN_TYPES[down_types[i]] else (0,) * lpb[i] for i in range(n))
     up = tuple(
         _per_resnet(rtl[b], lpb[n - 1 - b] + 1) if _UP_TYPES[up_types[b]] else (0,) * (lpb[n - 1 - b] + 1)
         for b in range(n)
@@ -126,12 +133,12 @@ def _from_ldm_config(cfg: Mapping[str, Any]) -> UNetStructure:
     tdo = list(cfg["transformer_depth_output"])  # stored shallow level first, like `transformer_depth`
     down, k = [], 0
     for level in range(n):
-        down.append(tuple(td[k:k + nrb[level]]))
+        down.append(tuple(td[k : k + nrb[level]]))
         k += nrb[level]
     up, k = [], 0
     per_level_out = []
     for level in range(n):
-        per_level_out.append(tuple(tdo[k:k + nrb[level] + 1]))
+        per_level_out.append(tuple(tdo[k : k + nrb[level] + 1]))
         k += nrb[level] + 1
     for b in range(n):  # up block b = LDM level n-1-b; output blocks of a level run in reverse order
         up.append(tuple(reversed(per_level_out[n - 1 - b])))

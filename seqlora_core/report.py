@@ -65,8 +65,9 @@ def build_report(bank: ConceptBank, delta: float = 0.05, per_layer: bool = False
         "bound_raw": bnd,
         "bound_delta": delta,
         "base_drift": [rel(drift[t], t) for t in range(t_count)],
-        "mean_relative_interference": mean_offdiag([[rel(raw[t][j], t) for j in range(t_count)]
-                                                    for t in range(t_count)]),
+        "mean_relative_interference": mean_offdiag(
+            [[rel(raw[t][j], t) for j in range(t_count)] for t in range(t_count)]
+        ),
         "capacity": capacity(bank),
         "fingerprint": bank.fingerprint,
     }
@@ -126,8 +127,7 @@ def heatmap_image(report: dict, cell: int = 36, title: str = "relative interfere
             d.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=fill, outline=(230, 230, 230))
             if t != j and math.isfinite(v):
                 txt = f"{v:.2f}" if v < 10 else f"{v:.0f}"
-                d.text((x0 + 3, y0 + cell // 3), txt, fill="black" if _colour(v, vmax)[1] > 100 else "white",
-                       font=font)
+                d.text((x0 + 3, y0 + cell // 3), txt, fill="black" if _colour(v, vmax)[1] > 100 else "white", font=font)
     for j in range(n):
         d.text((label_w + j * cell + 3, top - 14), str(j), fill="black", font=font)
     # colour bar

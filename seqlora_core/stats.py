@@ -134,8 +134,6 @@ def record_moments(
     return rec.moments()
 
 
-def sketches_from_moments(
-    moments: dict[str, torch.Tensor], k_max: int = 32, energy: float = 0.99
-) -> dict[str, Sketch]:
+def sketches_from_moments(moments: dict[str, torch.Tensor], k_max: int = 32, energy: float = 0.99) -> dict[str, Sketch]:
     """Per-layer sketches of per-layer moments."""
     return {name: sketch_moment(m, k_max, energy) for name, m in moments.items()}

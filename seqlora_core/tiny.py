@@ -81,18 +81,28 @@ def load_clip_tokenizer(path: str | Path | None = None) -> Any:
 def tiny_unet_config() -> dict[str, Any]:
     """UNet2DConditionModel config, 1.43 M parameters, 32x32x4 latents, cross-attention dim 32."""
     return dict(
-        sample_size=32, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
-        attention_head_dim=8, norm_num_groups=32,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=32,
     )
 
 
 def tiny_vae_config() -> dict[str, Any]:
     """AutoencoderKL config, 0.66 M parameters, downsampling factor 2 (64 px -> 32x32 latents)."""
     return dict(
-        sample_size=64, in_channels=3, out_channels=3, latent_channels=4,
-        block_out_channels=[32, 64], down_block_types=["DownEncoderBlock2D"] * 2,
+        sample_size=64,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=[32, 64],
+        down_block_types=["DownEncoderBlock2D"] * 2,
         up_block_types=["UpDecoderBlock2D"] * 2,
     )
 
@@ -100,8 +110,14 @@ def tiny_vae_config() -> dict[str, Any]:
 def tiny_text_config() -> dict[str, Any]:
     """CLIPTextConfig kwargs, hidden 32, 5 layers, the full 49,408-token CLIP vocabulary."""
     return dict(
-        vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=37, num_attention_heads=4,
-        num_hidden_layers=5, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+        vocab_size=VOCAB_SIZE,
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=5,
+        max_position_embeddings=77,
+        bos_token_id=49406,
+        eos_token_id=49407,
         pad_token_id=49407,
     )
 
@@ -111,8 +127,13 @@ def tiny_scheduler(prediction_type: str = "epsilon") -> Any:
     from diffusers import DDIMScheduler
 
     return DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
     )
 
 
@@ -132,8 +153,13 @@ def build_tiny_pipeline(seed: int = 0, prediction_type: str = "epsilon") -> Any:
         torch.manual_seed(seed + 2)
         text_encoder = CLIPTextModel(CLIPTextConfig(**tiny_text_config()))
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=load_clip_tokenizer(), unet=unet,
-        scheduler=tiny_scheduler(prediction_type), safety_checker=None, feature_extractor=None,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=load_clip_tokenizer(),
+        unet=unet,
+        scheduler=tiny_scheduler(prediction_type),
+        safety_checker=None,
+        feature_extractor=None,
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
@@ -149,9 +175,13 @@ def build_tiny_sdxl_pipeline(seed: int = 0, prediction_type: str = "epsilon") ->
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     unet_cfg = tiny_unet_config() | dict(
-        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=64,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+        cross_attention_dim=64,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -164,8 +194,14 @@ def build_tiny_sdxl_pipeline(seed: int = 0, prediction_type: str = "epsilon") ->
         text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**tiny_text_config(), projection_dim=32))
     tok = load_clip_tokenizer()
     pipe = StableDiffusionXLPipeline(
-        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tok, tokenizer_2=tok,
-        unet=unet, scheduler=tiny_scheduler(prediction_type), force_zeros_for_empty_prompt=True,
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tok,
+        tokenizer_2=tok,
+        unet=unet,
+        scheduler=tiny_scheduler(prediction_type),
+        force_zeros_for_empty_prompt=True,
     )
     pipe.set_progress_bar_config(disable=True)
     for m in (unet, vae, text_encoder, text_encoder_2):

@@ -244,10 +244,23 @@ def _run_stats(
 class _Run:
     """State of one concept's training (built once, stepped, checkpointed)."""
 
-    def __init__(self, model, loss_fn, batches, cfg: TrainConfig, method: Method, bank: ConceptBank,
-                 prior_batches: BatchFn | None = None):
+    def __init__(
+        self,
+        model,
+        loss_fn,
+        batches,
+        cfg: TrainConfig,
+        method: Method,
+        bank: ConceptBank,
+        prior_batches: BatchFn | None = None,
+    ):
         self.model, self.loss_fn, self.batches, self.cfg, self.method, self.bank = (
-            model, loss_fn, batches, cfg, method, bank,
+            model,
+            loss_fn,
+            batches,
+            cfg,
+            method,
+            bank,
         )
         self.prior_batches = prior_batches
         self.device = _device_of(model)
@@ -295,9 +308,16 @@ class _Run:
 
         for (m, n), specs in by_shape.items():
             a, q, f_old, f_self, soft = zip(*(self.init_layer(s, pre[s.name], slot, gen) for s in specs), strict=True)
-            g = Group(list(specs), torch.stack(a).to(dev), torch.zeros(len(specs), m, r, device=dev),
-                      stacked(list(q), n), stacked(list(f_old), n), stacked(list(f_self), n), list(soft),
-                      torch.zeros(len(specs), device=dev))
+            g = Group(
+                list(specs),
+                torch.stack(a).to(dev),
+                torch.zeros(len(specs), m, r, device=dev),
+                stacked(list(q), n),
+                stacked(list(f_old), n),
+                stacked(list(f_self), n),
+                list(soft),
+                torch.zeros(len(specs), device=dev),
+            )
             g.B.requires_grad_(True)
             g.opt_b = Adam(g.B)
             if self.method.basis != "frozen_slot":
@@ -436,8 +456,7 @@ class _Run:
         path = self.cfg.checkpoint_path
         if not path:
             return
-        meta = {"format": "seqlora-checkpoint", "key": key, "step": str(self.step),
-                "timings": json.dumps(self.timings)}
+        meta = {"format": "seqlora-checkpoint", "key": key, "step": str(self.step), "timings": json.dumps(self.timings)}
         atomic_write_bytes(Path(path), save(self.state_tensors(), metadata=meta))
 
     def try_resume(self, key: str) -> bool:
@@ -516,8 +535,9 @@ def train_concept(
         if not bank.prior:
             _phase(cb, "prior stats")
             t = time.perf_counter()
-            moments = _run_stats(model, specs, loss_fn, prior_batches or batches, config.stats_batches,
-                                 config.precision)
+            moments = _run_stats(
+                model, specs, loss_fn, prior_batches or batches, config.stats_batches, config.precision
+            )
             bank = bank.with_prior(
                 {k: sketch_moment(v, config.sketch_rank, config.sketch_energy) for k, v in moments.items()}
             )
@@ -598,7 +618,9 @@ def _make_concept(run: _Run, final: dict[str, torch.Tensor], cfg: TrainConfig, m
     if soft_layers:
         log.warning(
             "concept %r: %d layers were full, orthogonality there is a penalty only (e.g. %s)",
-            cfg.name, len(soft_layers), soft_layers[0],
+            cfg.name,
+            len(soft_layers),
+            soft_layers[0],
         )
     rel, lam = run.interference_now(fresh=True)
     info = {
@@ -608,5 +630,6 @@ def _make_concept(run: _Run, final: dict[str, torch.Tensor], cfg: TrainConfig, m
         "final_relative_interference": rel if math.isfinite(rel) else None,
         "final_lambda_mean": lam,
     }
-    return Concept(cfg.name, list(cfg.triggers), cfg.rank, cfg.method, layers, "trained",
-                   [float(x) for x in run.losses], {}, info)
+    return Concept(
+        cfg.name, list(cfg.triggers), cfg.rank, cfg.method, layers, "trained", [float(x) for x in run.losses], {}, info
+    )

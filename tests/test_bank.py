@@ -40,8 +40,13 @@ def test_round_trip_is_bit_exact(bank_and_unet, tmp_path):
     assert back.layers == bank.layers and back.fingerprint == bank.fingerprint
     assert back.names() == bank.names()
     for c, d in zip(bank.concepts, back.concepts, strict=True):
-        assert (c.triggers, c.rank, c.method, c.loss_curve, c.timings) == (d.triggers, d.rank, d.method,
-                                                                            d.loss_curve, d.timings)
+        assert (c.triggers, c.rank, c.method, c.loss_curve, c.timings) == (
+            d.triggers,
+            d.rank,
+            d.method,
+            d.loss_curve,
+            d.timings,
+        )
         for name, cl in c.layers.items():
             dl = d.layers[name]
             assert torch.equal(cl.A, dl.A) and torch.equal(cl.B, dl.B)
@@ -148,9 +153,14 @@ def test_bank_for_another_model_names_the_layers(bank_and_unet):
     from tests._unet import UNet2DConditionModel
 
     other = UNet2DConditionModel(
-        block_out_channels=(16, 32), layers_per_block=1, sample_size=8, down_block_types=("CrossAttnDownBlock2D",
-        "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-        attention_head_dim=8, norm_num_groups=8,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        sample_size=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
     )
     with pytest.raises(BankMismatchError, match=r"attn1\.to_q: bank 32x32, model 16x16"):
         bank.check_model(other)
@@ -159,9 +169,12 @@ def test_bank_for_another_model_names_the_layers(bank_and_unet):
 def test_bad_config_values_are_named():
     unet = tiny_unet()
     c = ToyConcept(0)
-    for kw, pattern in [({"name": " "}, "name: empty"), ({"name": "x", "rank": 0}, "rank: 0 is out of range"),
-                        ({"name": "x", "method": "magic"}, "method: unknown 'magic'"),
-                        ({"name": "x", "steps": 0}, "steps: 0")]:
+    for kw, pattern in [
+        ({"name": " "}, "name: empty"),
+        ({"name": "x", "rank": 0}, "rank: 0 is out of range"),
+        ({"name": "x", "method": "magic"}, "method: unknown 'magic'"),
+        ({"name": "x", "steps": 0}, "steps: 0"),
+    ]:
         with pytest.raises(ValueError, match=pattern):
             train_concept(unet, denoise_loss, c.batches(), TrainConfig(**kw))
 

@@ -30,8 +30,24 @@ def cli_bank(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     bank = root / "bank.safetensors"
     for i, trig in enumerate(["sks dog", "zqx hat"]):
-        rc = main(["train", "--base", "tiny", "--images", str(make_images(root / f"c{i}", i)), "--trigger", trig,
-                   "--bank", str(bank), "--steps", "3", "--lr", "5e-3", "--quiet"])
+        rc = main(
+            [
+                "train",
+                "--base",
+                "tiny",
+                "--images",
+                str(make_images(root / f"c{i}", i)),
+                "--trigger",
+                trig,
+                "--bank",
+                str(bank),
+                "--steps",
+                "3",
+                "--lr",
+                "5e-3",
+                "--quiet",
+            ]
+        )
         assert rc == 0
     return root, bank
 
@@ -59,8 +75,10 @@ def test_report_png(cli_bank):
 def test_export(cli_bank, fmt):
     root, bank = cli_bank
     out = root / f"zqx_{fmt}.safetensors"
-    assert main(["export", "--bank", str(bank), "--base", "tiny", "--concept", "zqx", "--format", fmt,
-                 "--out", str(out)]) == 0
+    assert (
+        main(["export", "--bank", str(bank), "--base", "tiny", "--concept", "zqx", "--format", fmt, "--out", str(out)])
+        == 0
+    )
     with safe_open(str(out), "pt") as f:
         keys = list(f.keys())
         assert f.metadata()["modelspec.trigger_phrase"] == "zqx hat"
@@ -71,15 +89,49 @@ def test_generate_with_two_concepts(cli_bank):
     root, bank = cli_bank
     for mode in ("merged", "bypass"):
         out = root / f"g_{mode}.png"
-        assert main(["generate", "--base", "tiny", "--bank", str(bank), "--concepts", "sks:1,zqx:0.8",
-                     "--prompt", "sks dog wearing zqx hat", "--out", str(out), "--steps", "2", "--mode", mode]) == 0
+        assert (
+            main(
+                [
+                    "generate",
+                    "--base",
+                    "tiny",
+                    "--bank",
+                    str(bank),
+                    "--concepts",
+                    "sks:1,zqx:0.8",
+                    "--prompt",
+                    "sks dog wearing zqx hat",
+                    "--out",
+                    str(out),
+                    "--steps",
+                    "2",
+                    "--mode",
+                    mode,
+                ]
+            )
+            == 0
+        )
         assert Image.open(out).size == (64, 64)
 
 
 def test_missing_image_folder_is_a_clear_error(cli_bank, capsys, tmp_path):
     _, bank = cli_bank
-    rc = main(["train", "--base", "tiny", "--images", str(tmp_path / "nowhere"), "--trigger", "x y",
-               "--bank", str(bank), "--steps", "1", "--quiet"])
+    rc = main(
+        [
+            "train",
+            "--base",
+            "tiny",
+            "--images",
+            str(tmp_path / "nowhere"),
+            "--trigger",
+            "x y",
+            "--bank",
+            str(bank),
+            "--steps",
+            "1",
+            "--quiet",
+        ]
+    )
     assert rc == 2
     assert "nowhere" in capsys.readouterr().err
 
@@ -88,8 +140,22 @@ def test_unknown_concept_and_duplicate_name(cli_bank, capsys, tmp_path):
     root, bank = cli_bank
     assert main(["export", "--bank", str(bank), "--concept", "nope", "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "it has: sks, zqx" in capsys.readouterr().err
-    rc = main(["train", "--base", "tiny", "--images", str(root / "c0"), "--trigger", "sks dog", "--bank", str(bank),
-               "--steps", "1", "--quiet"])
+    rc = main(
+        [
+            "train",
+            "--base",
+            "tiny",
+            "--images",
+            str(root / "c0"),
+            "--trigger",
+            "sks dog",
+            "--bank",
+            str(bank),
+            "--steps",
+            "1",
+            "--quiet",
+        ]
+    )
     assert rc == 2 and "already in the bank" in capsys.readouterr().err
 
 
@@ -104,8 +170,22 @@ def test_interrupted_training_resumes_to_the_same_bank(tmp_path, monkeypatch):
     from seqlora_core import ConceptBank
 
     images = make_images(tmp_path / "c", 3)
-    args = ["train", "--base", "tiny", "--images", str(images), "--trigger", "sks dog", "--steps", "6",
-            "--lr", "5e-3", "--checkpoint-every", "2", "--quiet"]
+    args = [
+        "train",
+        "--base",
+        "tiny",
+        "--images",
+        str(images),
+        "--trigger",
+        "sks dog",
+        "--steps",
+        "6",
+        "--lr",
+        "5e-3",
+        "--checkpoint-every",
+        "2",
+        "--quiet",
+    ]
     assert main([*args, "--bank", str(tmp_path / "straight.safetensors")]) == 0
 
     real = backend.diffusion_loss

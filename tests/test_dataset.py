@@ -37,7 +37,14 @@ def test_mixed_sizes_and_modes_become_rgb_in_range(tmp_path):
     ds = ConceptDataset.from_folder(d, "sks", resolution=64)
 
     assert [p.name for p in ds.paths] == [
-        "a_rgb.png", "b_gray.jpg", "c_rgba.png", "d_cmyk.jpg", "e_pal.png", "f.webp", "g.BMP", "h_16bit.png",
+        "a_rgb.png",
+        "b_gray.jpg",
+        "c_rgba.png",
+        "d_cmyk.jpg",
+        "e_pal.png",
+        "f.webp",
+        "g.BMP",
+        "h_16bit.png",
         "i_pal_transparent.png",
     ]
     assert ds.skipped == []
@@ -145,7 +152,12 @@ def test_caption_rules(tmp_path):
         "sks, multi line caption",  # whitespace collapsed
     ]
     assert ds.prior_captions == [
-        "dog on the grass", "a dog, sitting", "a photo of dog", "a photo of dog", "a sksx toy", "multi line caption"
+        "dog on the grass",
+        "a dog, sitting",
+        "a photo of dog",
+        "a photo of dog",
+        "a sksx toy",
+        "multi line caption",
     ]
 
 

@@ -21,8 +21,9 @@ from tests._unet import ToyConcept, denoise_loss, tiny_unet
 
 def _train(unet, bank, cid, method="seqlora", steps=6, **kw):
     c = ToyConcept(cid)
-    cfg = TrainConfig(name=f"c{cid}", triggers=[f"tok{cid}"], method=method, rank=4, steps=steps, lr=1e-3,
-                      stats_batches=2, **kw)
+    cfg = TrainConfig(
+        name=f"c{cid}", triggers=[f"tok{cid}"], method=method, rank=4, steps=steps, lr=1e-3, stats_batches=2, **kw
+    )
     return train_concept(unet, denoise_loss, c.batches(), cfg, bank, prior_batches=c.batches(prior=True))
 
 
@@ -140,10 +141,25 @@ def test_interrupted_run_resumes_to_the_same_bank(tmp_path):
 
     with pytest.raises(TrainingCancelled, match="step 5"):
         c = ToyConcept(0)
-        cfg = TrainConfig(name="c0", triggers=["tok0"], rank=4, steps=8, lr=1e-3, stats_batches=2,
-                          checkpoint_path=ck, checkpoint_every=100)
-        train_concept(unet, denoise_loss, c.batches(), cfg, None, c.batches(prior=True),
-                      TrainCallbacks(should_stop=stop_after_five))
+        cfg = TrainConfig(
+            name="c0",
+            triggers=["tok0"],
+            rank=4,
+            steps=8,
+            lr=1e-3,
+            stats_batches=2,
+            checkpoint_path=ck,
+            checkpoint_every=100,
+        )
+        train_concept(
+            unet,
+            denoise_loss,
+            c.batches(),
+            cfg,
+            None,
+            c.batches(prior=True),
+            TrainCallbacks(should_stop=stop_after_five),
+        )
     resumed = train_concept(unet, denoise_loss, c.batches(), cfg, None, c.batches(prior=True))
     for name, cl in ref.concepts[0].layers.items():
         other = resumed.concepts[0].layers[name]
@@ -246,8 +262,9 @@ def test_prior_loss_keeps_trigger_free_outputs_closer_to_the_base():
 
     changes = {}
     for weight in (0.0, 4.0):
-        cfg = TrainConfig(name="c0", triggers=["tok0"], rank=4, steps=30, lr=1e-2, stats_batches=2,
-                          prior_loss_weight=weight)
+        cfg = TrainConfig(
+            name="c0", triggers=["tok0"], rank=4, steps=30, lr=1e-2, stats_batches=2, prior_loss_weight=weight
+        )
         changes[weight] = prior_change(train_concept(unet, loss, c.batches(), cfg, None, lambda step: prior))
     assert changes[4.0] < 0.7 * changes[0.0], changes  # measured 0.46x
     with pytest.raises(ValueError, match="prior_loss_weight > 0 needs prior_batches"):

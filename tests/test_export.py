@@ -17,8 +17,16 @@ from seqlora_core import export, naming
 
 torch.set_num_threads(1)
 RANK = 4
-PROJ = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
-        "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
+PROJ = (
+    "attn1.to_q",
+    "attn1.to_k",
+    "attn1.to_v",
+    "attn1.to_out.0",
+    "attn2.to_q",
+    "attn2.to_k",
+    "attn2.to_v",
+    "attn2.to_out.0",
+)
 TOL = 2e-5  # max |diffusers-loaded - hand-merged| UNet output, fp32
 
 
@@ -137,8 +145,9 @@ def test_conv3x3_layout_and_roundtrip(tmp_path):
     sd = export.kohya_state_dict({"conv_in": (a, b)}, {"conv_in": (3, 3)})
     assert sd["lora_unet_conv_in.lora_down.weight"].shape == (2, 8, 3, 3)
     assert sd["lora_unet_conv_in.lora_up.weight"].shape == (5, 2, 1, 1)
-    path = export.save_kohya(tmp_path / "c.safetensors", {"conv_in": (a, b)}, {"conv_in": (3, 3)}, [], "c",
-                             dtype="fp32")
+    path = export.save_kohya(
+        tmp_path / "c.safetensors", {"conv_in": (a, b)}, {"conv_in": (3, 3)}, [], "c", dtype="fp32"
+    )
     got, _, _ = export.read_lora_file(path, name_map=naming.SD1)
     assert torch.equal(got["conv_in"][0], a) and torch.equal(got["conv_in"][1], b)
     with pytest.raises(ValueError, match="in_channels"):
@@ -148,8 +157,17 @@ def test_conv3x3_layout_and_roundtrip(tmp_path):
 def test_metadata_carries_triggers_and_seqlora_fields(tmp_path, fk):
     factors, kernels = fk
     extra = {"seqlora_rank": "4", "seqlora_concept_token": "sks", "seqlora_bank_id": "b1"}
-    path = export.save_kohya(tmp_path / "dog.safetensors", factors, kernels, ["sks dog", "sks"], "My dog",
-                             "sd_v1", extra, concept_name="dog", num_images=5)
+    path = export.save_kohya(
+        tmp_path / "dog.safetensors",
+        factors,
+        kernels,
+        ["sks dog", "sks"],
+        "My dog",
+        "sd_v1",
+        extra,
+        concept_name="dog",
+        num_images=5,
+    )
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
     assert all(isinstance(v, str) for v in meta.values())
@@ -172,9 +190,7 @@ def test_metadata_carries_triggers_and_seqlora_fields(tmp_path, fk):
         export.lora_metadata(factors, ["t"], "x", "sd_v1", {"seqlora_rank": 4})
 
 
-@pytest.mark.parametrize(
-    ("fmt", "file_naming"), [("kohya", "diffusers"), ("kohya", "ldm"), ("peft", "diffusers")]
-)
+@pytest.mark.parametrize(("fmt", "file_naming"), [("kohya", "diffusers"), ("kohya", "ldm"), ("peft", "diffusers")])
 @pytest.mark.parametrize("want", ["diffusers", "ldm"])
 def test_read_roundtrips_exactly(tmp_path, unet, fk, fmt, file_naming, want):
     factors, kernels = fk
@@ -249,8 +265,10 @@ def test_refuses_pickle_and_unknown_keys(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="junk.safetensors"):
         export.read_lora_file(tmp_path / "junk.safetensors")
-    save_file({"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(1, 2)},
-              str(tmp_path / "te.safetensors"))
+    save_file(
+        {"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(1, 2)},
+        str(tmp_path / "te.safetensors"),
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(ValueError, match="only text-encoder keys"):
@@ -321,8 +339,9 @@ def test_unsupported_adapters_and_diffs_are_skipped_with_warnings(tmp_path, fk):
 
 def test_module_names_resolve_a_non_unet_model(tmp_path):
     a, b = torch.eye(2, 6), torch.randn(3, 2)
-    path = export.save_kohya(tmp_path / "toy.safetensors", {"blocks.0.mlp_in": (a, b)}, None, ["t"], "toy",
-                             dtype="fp32")
+    path = export.save_kohya(
+        tmp_path / "toy.safetensors", {"blocks.0.mlp_in": (a, b)}, None, ["t"], "toy", dtype="fp32"
+    )
     got, _, _ = export.read_lora_file(path, module_names=["blocks.0.mlp_in", "blocks.0.mlp_out"])
     assert torch.equal(got["blocks.0.mlp_in"][1] @ got["blocks.0.mlp_in"][0], b @ a)
     with pytest.raises(ValueError, match="no usable UNet LoRA keys"):

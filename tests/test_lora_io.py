@@ -32,8 +32,15 @@ def trained(tmp_path_factory):
     bank = None
     for i, trig in enumerate(["sks dog", "zqx hat"]):
         data = _concept_data(pipe, make_images(root / f"c{i}", i), trig)
-        cfg = TrainConfig(name=trig.split()[0], triggers=[trig], steps=4, lr=5e-3, stats_batches=1,
-                          layer_naming="diffusers", architecture="sd15")
+        cfg = TrainConfig(
+            name=trig.split()[0],
+            triggers=[trig],
+            steps=4,
+            lr=5e-3,
+            stats_batches=1,
+            layer_naming="diffusers",
+            architecture="sd15",
+        )
         bank = train_concept(pipe.unet, diffusion_loss, data.batches, cfg, bank, data.prior_batches)
     return pipe, bank, root
 
@@ -70,8 +77,12 @@ def test_kohya_metadata_carries_triggers_and_alpha(trained, tmp_path):
         alpha = f.get_tensor(next(k for k in keys if k.endswith(".alpha")))
     assert meta["modelspec.trigger_phrase"] == "sks dog"
     assert "sks dog" in meta["ss_tag_frequency"] and meta["seqlora_concept"] == "sks"
-    assert all(k.startswith("lora_unet_down_blocks_") or k.startswith("lora_unet_up_blocks_")
-               or k.startswith("lora_unet_mid_block_") for k in keys)
+    assert all(
+        k.startswith("lora_unet_down_blocks_")
+        or k.startswith("lora_unet_up_blocks_")
+        or k.startswith("lora_unet_mid_block_")
+        for k in keys
+    )
     assert float(alpha) == 4.0
 
 
@@ -82,8 +93,9 @@ def test_ldm_named_bank_exports_ldm_names_that_read_back_as_diffusers(trained, t
     path = export_concept(ldm_bank, "sks", tmp_path / "ldm.safetensors", dtype="fp32")
     with safe_open(str(path), "pt") as f:
         keys = list(f.keys())
-    assert all(k.startswith(("lora_unet_input_blocks_", "lora_unet_output_blocks_", "lora_unet_middle_block_"))
-               for k in keys)
+    assert all(
+        k.startswith(("lora_unet_input_blocks_", "lora_unet_output_blocks_", "lora_unet_middle_block_")) for k in keys
+    )
     factors, _, _ = read_lora_file(path, "diffusers", pipe.unet)
     for spec in bank.layers:
         a, b = factors[spec.name]
@@ -107,8 +119,9 @@ def test_imported_lora_is_frozen_and_later_concepts_avoid_it(trained, tmp_path):
     data = _concept_data(pipe, make_images(root / "c2", 2), "qqv cat")
     cfg = TrainConfig(name="qqv", triggers=["qqv cat"], steps=2, lr=5e-3, stats_batches=1)
     after = train_concept(pipe.unet, diffusion_loss, data.batches, cfg, with_foreign, data.prior_batches)
-    worst = max(float((after.concept("qqv").layers[s.name].A @ imported.layers[s.name].A.T).abs().max())
-                for s in after.layers)
+    worst = max(
+        float((after.concept("qqv").layers[s.name].A @ imported.layers[s.name].A.T).abs().max()) for s in after.layers
+    )
     assert worst <= 1e-4, f"new concept's basis vs the imported one: max |A_new A_imp^T| = {worst:.1e}"
 
 

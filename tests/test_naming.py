@@ -20,24 +20,19 @@ SD15_TABLE = {
     "conv_in": "input_blocks.0.0",
     "time_embedding.linear_1": "time_embed.0",
     "down_blocks.0.resnets.0.conv1": "input_blocks.1.0.in_layers.2",
-    "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q":
-        "input_blocks.1.1.transformer_blocks.0.attn1.to_q",
+    "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": "input_blocks.1.1.transformer_blocks.0.attn1.to_q",
     "down_blocks.0.attentions.1.proj_in": "input_blocks.2.1.proj_in",
     "down_blocks.0.downsamplers.0.conv": "input_blocks.3.0.op",
-    "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k":
-        "input_blocks.4.1.transformer_blocks.0.attn2.to_k",
+    "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k": "input_blocks.4.1.transformer_blocks.0.attn2.to_k",
     "down_blocks.1.resnets.0.conv_shortcut": "input_blocks.4.0.skip_connection",
-    "down_blocks.2.attentions.1.transformer_blocks.0.ff.net.0.proj":
-        "input_blocks.8.1.transformer_blocks.0.ff.net.0.proj",
+    "down_blocks.2.attentions.1.transformer_blocks.0.ff.net.0.proj": "input_blocks.8.1.transformer_blocks.0.ff.net.0.proj",  # noqa: E501
     "down_blocks.3.resnets.1.conv2": "input_blocks.11.0.out_layers.3",
     "mid_block.resnets.0.norm1": "middle_block.0.in_layers.0",
-    "mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0":
-        "middle_block.1.transformer_blocks.0.attn2.to_out.0",
+    "mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0": "middle_block.1.transformer_blocks.0.attn2.to_out.0",
     "mid_block.resnets.1.time_emb_proj": "middle_block.2.emb_layers.1",
     "up_blocks.0.resnets.2.conv_shortcut": "output_blocks.2.0.skip_connection",
     "up_blocks.0.upsamplers.0.conv": "output_blocks.2.1.conv",
-    "up_blocks.1.attentions.0.transformer_blocks.0.ff.net.2":
-        "output_blocks.3.1.transformer_blocks.0.ff.net.2",
+    "up_blocks.1.attentions.0.transformer_blocks.0.ff.net.2": "output_blocks.3.1.transformer_blocks.0.ff.net.2",
     "up_blocks.1.upsamplers.0.conv": "output_blocks.5.2.conv",
     "up_blocks.3.attentions.2.proj_out": "output_blocks.11.1.proj_out",
     "up_blocks.3.resnets.2.norm2": "output_blocks.11.0.out_layers.0",
@@ -46,16 +41,11 @@ SD15_TABLE = {
 }
 SDXL_TABLE = {
     "down_blocks.0.resnets.1.conv1": "input_blocks.2.0.in_layers.2",
-    "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q":
-        "input_blocks.4.1.transformer_blocks.0.attn1.to_q",
-    "down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q":
-        "input_blocks.4.1.transformer_blocks.1.attn1.to_q",
-    "down_blocks.2.attentions.1.transformer_blocks.9.ff.net.2":
-        "input_blocks.8.1.transformer_blocks.9.ff.net.2",
-    "mid_block.attentions.0.transformer_blocks.9.attn1.to_out.0":
-        "middle_block.1.transformer_blocks.9.attn1.to_out.0",
-    "up_blocks.0.attentions.2.transformer_blocks.9.attn2.to_v":
-        "output_blocks.2.1.transformer_blocks.9.attn2.to_v",
+    "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": "input_blocks.4.1.transformer_blocks.0.attn1.to_q",
+    "down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q": "input_blocks.4.1.transformer_blocks.1.attn1.to_q",
+    "down_blocks.2.attentions.1.transformer_blocks.9.ff.net.2": "input_blocks.8.1.transformer_blocks.9.ff.net.2",
+    "mid_block.attentions.0.transformer_blocks.9.attn1.to_out.0": "middle_block.1.transformer_blocks.9.attn1.to_out.0",
+    "up_blocks.0.attentions.2.transformer_blocks.9.attn2.to_v": "output_blocks.2.1.transformer_blocks.9.attn2.to_v",
     "up_blocks.0.upsamplers.0.conv": "output_blocks.2.2.conv",
     "up_blocks.2.resnets.2.conv2": "output_blocks.8.0.out_layers.3",
     "add_embedding.linear_1": "label_emb.0.0",
@@ -63,13 +53,18 @@ SDXL_TABLE = {
 }
 # ComfyUI's own `unet_config`s for the same models (comfy/supported_models.py)
 COMFY_SD15 = {
-    "num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4],
+    "num_res_blocks": [2, 2, 2, 2],
+    "channel_mult": [1, 2, 4, 4],
     "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "transformer_depth_middle": 1,
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    "transformer_depth_middle": 1,
 }
 COMFY_SDXL = {
-    "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4], "transformer_depth": [0, 0, 2, 2, 10, 10],
-    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "transformer_depth_middle": 10,
+    "num_res_blocks": [2, 2, 2],
+    "channel_mult": [1, 2, 4],
+    "transformer_depth": [0, 0, 2, 2, 10, 10],
+    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+    "transformer_depth_middle": 10,
     "adm_in_channels": 2816,
 }
 LORA_TARGETS = ("proj_in", "proj_out", "to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
@@ -96,9 +91,13 @@ def sdxl():
     return _meta_unet(SDXL_CONFIG)
 
 
-@pytest.mark.parametrize(("which", "config", "table"), [
-    ("sd15", SD15_CONFIG, SD15_TABLE), ("sdxl", SDXL_CONFIG, SDXL_TABLE),
-])
+@pytest.mark.parametrize(
+    ("which", "config", "table"),
+    [
+        ("sd15", SD15_CONFIG, SD15_TABLE),
+        ("sdxl", SDXL_CONFIG, SDXL_TABLE),
+    ],
+)
 def test_known_names(request, which, config, table):
     assert set(table) <= _weighted_modules(request.getfixturevalue(which))
     d2l = naming.diffusers_to_ldm_map(config)
@@ -122,9 +121,13 @@ def test_every_module_of_a_full_unet_maps_and_round_trips(request, which, n_targ
     assert all(kohya[naming.to_kohya_name(n)] == n for n in targets)
 
 
-@pytest.mark.parametrize(("diffusers_config", "comfy_config", "preset"), [
-    (SD15_CONFIG, COMFY_SD15, naming.SD1), (SDXL_CONFIG, COMFY_SDXL, naming.SDXL),
-])
+@pytest.mark.parametrize(
+    ("diffusers_config", "comfy_config", "preset"),
+    [
+        (SD15_CONFIG, COMFY_SD15, naming.SD1),
+        (SDXL_CONFIG, COMFY_SDXL, naming.SDXL),
+    ],
+)
 def test_structure_from_diffusers_and_comfy_configs_agree(diffusers_config, comfy_config, preset):
     assert naming.unet_structure(diffusers_config) == naming.unet_structure(comfy_config) == preset
 
@@ -136,7 +139,8 @@ def test_tiny_unet_maps_every_module():
     d2l = naming.diffusers_to_ldm_map(unet)
     assert _weighted_modules(unet) == set(d2l)
     assert d2l["down_blocks.0.attentions.1.transformer_blocks.0.attn1.to_q"] == (
-        "input_blocks.2.1.transformer_blocks.0.attn1.to_q")
+        "input_blocks.2.1.transformer_blocks.0.attn1.to_q"
+    )
     assert d2l["down_blocks.0.downsamplers.0.conv"] == "input_blocks.3.0.op"
     assert d2l["down_blocks.1.resnets.1.conv1"] == "input_blocks.5.0.in_layers.2"
     assert d2l["up_blocks.0.upsamplers.0.conv"] == "output_blocks.2.1.conv"

@@ -47,8 +47,13 @@ def test_every_node_is_described(schema) -> None:
     ids = [n.node_id for n in schema.NODES]
     assert len(ids) == len(set(ids))
     assert set(ids) == {
-        "SeqLoRATrainConcept", "SeqLoRAImageFolder", "SeqLoRAMultiConceptLoader", "SeqLoRALoadBank",
-        "SeqLoRASaveBank", "SeqLoRAExportLoRA", "SeqLoRAInterferenceReport",
+        "SeqLoRATrainConcept",
+        "SeqLoRAImageFolder",
+        "SeqLoRAMultiConceptLoader",
+        "SeqLoRALoadBank",
+        "SeqLoRASaveBank",
+        "SeqLoRAExportLoRA",
+        "SeqLoRAInterferenceReport",
     }
     for node in schema.NODES:
         assert node.node_id.startswith("SeqLoRA") and node.display_name.startswith("SeqLoRA ")
@@ -140,8 +145,11 @@ def test_workflow_widgets_match_the_schema(schema, path: Path) -> None:
 
 def test_parse_concepts(schema) -> None:
     assert schema.parse_concepts("") == []
-    assert schema.parse_concepts("dog:0.5, !cat:1.2,hat") == [("dog", 0.5, True), ("cat", 1.2, False),
-                                                              ("hat", 1.0, True)]
+    assert schema.parse_concepts("dog:0.5, !cat:1.2,hat") == [
+        ("dog", 0.5, True),
+        ("cat", 1.2, False),
+        ("hat", 1.0, True),
+    ]
     items = schema.parse_concepts("a:1, !b:0.25")
     assert schema.parse_concepts(schema.format_concepts(items)) == items
     with pytest.raises(ValueError, match="not a number"):

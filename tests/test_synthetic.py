@@ -31,8 +31,10 @@ def run(world: LinearWorld, method: str, steps: int = 200, budget: float = 0.05)
 
 
 def show(tag: str, r: dict) -> None:
-    print(f"\n{tag:28s} interference {r['interference']:.4f}  drift {r['drift']:.4f}  fit error {r['fit']:.3f}  "
-          f"composed error {r['composed']:.3f}  mean ||B|| {r['B_norm']:.3f}")
+    print(
+        f"\n{tag:28s} interference {r['interference']:.4f}  drift {r['drift']:.4f}  fit error {r['fit']:.3f}  "
+        f"composed error {r['composed']:.3f}  mean ||B|| {r['B_norm']:.3f}"
+    )
 
 
 @pytest.fixture(scope="module")

@@ -96,8 +96,10 @@ def test_concepts_are_deterministic(tmp_path):
     assert all(np.array_equal(np.asarray(x), np.asarray(y)) for (x, _), (y, _) in zip(a, b, strict=True))
     assert all(trigger_word(5) in c for _, c in a)
     assert concept_spec(5).trigger == trigger_word(5)
-    assert not np.array_equal(concept_spec(5).glyph, concept_spec(6).glyph) or \
-        concept_spec(5).colour1 != concept_spec(6).colour1
+    assert (
+        not np.array_equal(concept_spec(5).glyph, concept_spec(6).glyph)
+        or concept_spec(5).colour1 != concept_spec(6).colour1
+    )
     paths = write_concept_folder(5, tmp_path / "c5", n=6)
     assert len(paths) == 6
     for p in paths:

@@ -72,8 +72,7 @@ def test_registers_once_and_parses_like_python(tmp_path: Path) -> None:
     shutil.copy(JS, ext / "seqlora.js")
     (tmp_path / "package.json").write_text('{"type": "module"}')
     (tmp_path / "run.mjs").write_text(RUNNER)
-    res = subprocess.run([NODE, "run.mjs", json.dumps(CASES)], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=60)
+    res = subprocess.run([NODE, "run.mjs", json.dumps(CASES)], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["registered"] == ["SeqLoRA.UI"]

@@ -35,9 +35,21 @@ _LAZY = {
 }
 
 __all__ = [
-    "N_CONCEPTS", "N_TRIGGERS", "ConceptSpec", "Scene", "SceneObject", "concept_examples", "concept_spec",
-    "render_concept", "render_scene", "scene_dataset", "scene_prompt", "trigger_word", "trigger_words",
-    "write_concept_folder", *_LAZY,
+    "N_CONCEPTS",
+    "N_TRIGGERS",
+    "ConceptSpec",
+    "Scene",
+    "SceneObject",
+    "concept_examples",
+    "concept_spec",
+    "render_concept",
+    "render_scene",
+    "scene_dataset",
+    "scene_prompt",
+    "trigger_word",
+    "trigger_words",
+    "write_concept_folder",
+    *_LAZY,
 ]
 
 

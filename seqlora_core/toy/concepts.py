@@ -82,8 +82,13 @@ def concept_spec(concept_id: int) -> ConceptSpec:
     return ConceptSpec(concept_id, trigger_word(concept_id), glyph, tone, c1, c2)
 
 
-def render_concept(spec: ConceptSpec, center: tuple[float, float], size: float,
-                   background: tuple[int, int, int], resolution: int = RESOLUTION) -> Image.Image:
+def render_concept(
+    spec: ConceptSpec,
+    center: tuple[float, float],
+    size: float,
+    background: tuple[int, int, int],
+    resolution: int = RESOLUTION,
+) -> Image.Image:
     """Draw the glyph with its centre at ``center`` (fractions) and side ``size`` (fraction)."""
     side = resolution * SUPERSAMPLE
     canvas = np.empty((side, side, 3), dtype=np.float32)
@@ -96,7 +101,7 @@ def render_concept(spec: ConceptSpec, center: tuple[float, float], size: float,
             if spec.glyph[r, c]:
                 ya, yb = round(y0 + r * cell), round(y0 + (r + 1) * cell)
                 xa, xb = round(x0 + c * cell), round(x0 + (c + 1) * cell)
-                canvas[max(ya, 0):max(yb, 0), max(xa, 0):max(xb, 0)] = c2 if spec.tone[r, c] else c1
+                canvas[max(ya, 0) : max(yb, 0), max(xa, 0) : max(xb, 0)] = c2 if spec.tone[r, c] else c1
     img = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
     return img.resize((resolution, resolution), Image.Resampling.BOX)
 

@@ -39,9 +39,15 @@ class SmallCNN(nn.Module):
         super().__init__()
         w = width
         self.features = nn.Sequential(
-            nn.Conv2d(3, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(3, w, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(w, 2 * w, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
             nn.Flatten(),
         )
         self.heads = nn.ModuleList(nn.Linear(2 * w * 16, n) for n in heads)
@@ -58,8 +64,12 @@ def to_input(images: ImagesLike) -> torch.Tensor:
     elif isinstance(images, np.ndarray):
         x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
     else:
-        x = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0)
-                         .permute(2, 0, 1) for im in images])
+        x = torch.stack(
+            [
+                torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
+                for im in images
+            ]
+        )
     if x.shape[-1] != RESOLUTION or x.shape[-2] != RESOLUTION:
         x = F.interpolate(x, size=(RESOLUTION, RESOLUTION), mode="area")
     return (x - 0.5) / 0.5
@@ -78,8 +88,7 @@ def augment(img: Image.Image, rng: random.Random) -> np.ndarray:
     return np.clip(x, 0, 255).astype(np.uint8)
 
 
-def identity_data(n_per_concept: int, n_none: int, seed: int,
-                  augmented: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def identity_data(n_per_concept: int, n_none: int, seed: int, augmented: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Renderings of every concept plus "none" images; (uint8 images, labels)."""
     rng = random.Random(seed)
     aug = augment if augmented else (lambda im, _rng: np.asarray(im))
@@ -116,8 +125,9 @@ def noise_images(n: int, seed: int) -> np.ndarray:
     return out
 
 
-def fit(model: SmallCNN, x: torch.Tensor, ys: list[torch.Tensor], epochs: int, seed: int,
-        batch: int = 128, lr: float = 2e-3) -> None:
+def fit(
+    model: SmallCNN, x: torch.Tensor, ys: list[torch.Tensor], epochs: int, seed: int, batch: int = 128, lr: float = 2e-3
+) -> None:
     """Adam with cosine decay on summed cross-entropies of all heads."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -127,7 +137,7 @@ def fit(model: SmallCNN, x: torch.Tensor, ys: list[torch.Tensor], epochs: int, s
     for _ in range(epochs):
         perm = torch.randperm(len(x), generator=gen)
         for i in range(0, len(x), batch):
-            idx = perm[i:i + batch]
+            idx = perm[i : i + batch]
             outs = model(x[idx])
             loss = sum(F.cross_entropy(o, y[idx]) for o, y in zip(outs, ys, strict=True))
             opt.zero_grad(set_to_none=True)
@@ -157,8 +167,9 @@ def identity_probs(images: ImagesLike, model: SmallCNN | None = None) -> torch.T
     return model(to_input(images))[0].softmax(-1)
 
 
-def identity_scores(images: ImagesLike, concept_ids: int | Sequence[int],
-                    model: SmallCNN | None = None) -> torch.Tensor:
+def identity_scores(
+    images: ImagesLike, concept_ids: int | Sequence[int], model: SmallCNN | None = None
+) -> torch.Tensor:
     """Probability (N,) that image i shows concept ``concept_ids[i]`` (one int applies to all)."""
     probs = identity_probs(images, model)
     ids = [concept_ids] * len(probs) if isinstance(concept_ids, int) else list(concept_ids)
@@ -167,8 +178,7 @@ def identity_scores(images: ImagesLike, concept_ids: int | Sequence[int],
     return probs[torch.arange(len(probs)), torch.as_tensor(ids)]
 
 
-def identity_accuracy(images: ImagesLike, concept_ids: int | Sequence[int],
-                      model: SmallCNN | None = None) -> float:
+def identity_accuracy(images: ImagesLike, concept_ids: int | Sequence[int], model: SmallCNN | None = None) -> float:
     """Fraction of images whose most likely class is their concept."""
     probs = identity_probs(images, model)
     ids = torch.as_tensor([concept_ids] * len(probs) if isinstance(concept_ids, int) else list(concept_ids))
@@ -204,14 +214,15 @@ def vae_roundtrip(images: np.ndarray, batch: int = 256) -> np.ndarray:
     vae = load_toy_pipeline().vae
     out = []
     for i in range(0, len(images), batch):
-        x = torch.from_numpy(images[i:i + batch]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        x = torch.from_numpy(images[i : i + batch]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         y = vae.decode(vae.encode(x).latent_dist.mean).sample
         out.append(((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
     return np.concatenate(out)
 
 
-def train_identity(out_dir: Path, seed: int = 0, n_per_concept: int = 400, n_none: int = 6000,
-                   epochs: int = 10) -> dict:
+def train_identity(
+    out_dir: Path, seed: int = 0, n_per_concept: int = 400, n_none: int = 6000, epochs: int = 10
+) -> dict:
     """Train, validate and save the identity CNN; returns the metrics."""
     t0 = time.time()
     torch.manual_seed(seed)
@@ -262,8 +273,13 @@ def identity_report(pipe, bank, n: int = 8, steps: int = 20, guidance: float = 5
     def score(selection: dict[str, float], trigger: str, cid: int) -> dict[str, float]:
         gens = [torch.Generator().manual_seed(seed + i) for i in range(n)]
         with compose(pipe.unet, bank, selection, mode="bypass"):
-            images = pipe([f"a photo of {trigger}"] * n, num_inference_steps=steps, guidance_scale=guidance,
-                          generator=gens, output_type="pt").images
+            images = pipe(
+                [f"a photo of {trigger}"] * n,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=gens,
+                output_type="pt",
+            ).images
         return {"accuracy": identity_accuracy(images, cid), "mean_prob": float(identity_scores(images, cid).mean())}
 
     everyone = {c.name: 1.0 for c in bank.concepts}
@@ -274,6 +290,11 @@ def identity_report(pipe, bank, n: int = 8, steps: int = 20, guidance: float = 5
         if not ids:
             continue
         trigger, cid = ids[0]
-        report[c.name] = {"trigger": trigger, "concept_id": cid, "base": score({}, trigger, cid),
-                          "alone": score({c.name: 1.0}, trigger, cid), "all": score(everyone, trigger, cid)}
+        report[c.name] = {
+            "trigger": trigger,
+            "concept_id": cid,
+            "base": score({}, trigger, cid),
+            "alone": score({c.name: 1.0}, trigger, cid),
+            "all": score(everyone, trigger, cid),
+        }
     return report

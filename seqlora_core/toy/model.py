@@ -24,8 +24,16 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 MAX_LENGTH = 77
 HIDDEN = 64
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-SCHEDULER_KW = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                    clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+SCHEDULER_KW = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    prediction_type="epsilon",
+)
 
 
 def write_tokenizer(out_dir: str | Path) -> Path:
@@ -52,7 +60,7 @@ def write_tokenizer(out_dir: str | Path) -> Path:
         symbols = list(word[:-1]) + [word[-1] + "</w>"]
         for length in range(2, len(symbols) + 1):
             for i in range(len(symbols) - length + 1):
-                piece = symbols[i:i + length]
+                piece = symbols[i : i + length]
                 for k in range(1, length):
                     pair = ("".join(piece[:k]), "".join(piece[k:]))
                     if pair not in seen:
@@ -63,8 +71,15 @@ def write_tokenizer(out_dir: str | Path) -> Path:
     add(EOS)
     (out / "vocab.json").write_text(json.dumps(vocab, indent=0) + "\n")
     (out / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": MAX_LENGTH, "bos_token": BOS,
-              "eos_token": EOS, "unk_token": EOS, "pad_token": EOS, "do_lower_case": True}
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": MAX_LENGTH,
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "unk_token": EOS,
+        "pad_token": EOS,
+        "do_lower_case": True,
+    }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
@@ -73,26 +88,49 @@ def write_tokenizer(out_dir: str | Path) -> Path:
 
 def text_config(vocab_size: int, bos_id: int, eos_id: int) -> CLIPTextConfig:
     """A 3-layer, 64-wide CLIP text encoder."""
-    return CLIPTextConfig(vocab_size=vocab_size, hidden_size=HIDDEN, intermediate_size=4 * HIDDEN,
-                          num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=MAX_LENGTH,
-                          projection_dim=HIDDEN, bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=eos_id)
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=HIDDEN,
+        intermediate_size=4 * HIDDEN,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_LENGTH,
+        projection_dim=HIDDEN,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
+    )
 
 
 def unet_config() -> dict:
     """Three levels (16x16, 8x8, 4x4 latents), widths 32/64/64, cross-attention at 8x8 and 4x4."""
-    return dict(sample_size=RESOLUTION // 2, in_channels=4, out_channels=4, layers_per_block=1,
-                block_out_channels=(32, 64, 64),
-                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                cross_attention_dim=HIDDEN, attention_head_dim=4, norm_num_groups=16)
+    return dict(
+        sample_size=RESOLUTION // 2,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=HIDDEN,
+        attention_head_dim=4,
+        norm_num_groups=16,
+    )
 
 
 def vae_config() -> dict:
     """A 2x AutoencoderKL: 32x32x3 pixels <-> 16x16x4 latents."""
-    return dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
-                down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-                up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), layers_per_block=1,
-                norm_num_groups=8, sample_size=RESOLUTION)
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=RESOLUTION,
+    )
 
 
 def build_toy_pipeline(tokenizer_dir: str | Path, seed: int = 0) -> StableDiffusionPipeline:
@@ -103,9 +141,16 @@ def build_toy_pipeline(tokenizer_dir: str | Path, seed: int = 0) -> StableDiffus
     text_encoder = CLIPTextModel(text_config(len(vocab), vocab[BOS], vocab[EOS]))
     unet = UNet2DConditionModel(**unet_config())
     vae = AutoencoderKL(**vae_config())
-    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=DDIMScheduler(**SCHEDULER_KW), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler(**SCHEDULER_KW),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
 def train_scheduler() -> DDPMScheduler:
@@ -121,8 +166,9 @@ def save_toy_pipeline(pipe: StableDiffusionPipeline, out_dir: str | Path) -> Non
     pipe.to(torch.float32)
 
 
-def load_toy_pipeline(weights_dir: str | Path | None = None, device: str | torch.device = "cpu",
-                      dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
+def load_toy_pipeline(
+    weights_dir: str | Path | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> StableDiffusionPipeline:
     """Load the committed pretrained toy pipeline (no training, no network)."""
     path = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
     if not (path / "model_index.json").is_file():
@@ -131,8 +177,13 @@ def load_toy_pipeline(weights_dir: str | Path | None = None, device: str | torch
 
     version = tuple(int(x) for x in diffusers.__version__.split(".")[:2])
     dtype_kw = {"dtype" if version >= (0, 42) else "torch_dtype": dtype}  # renamed in diffusers 0.42
-    pipe = StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True, safety_checker=None,
-                                                   feature_extractor=None, requires_safety_checker=False,
-                                                   **dtype_kw)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(path),
+        local_files_only=True,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        **dtype_kw,
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

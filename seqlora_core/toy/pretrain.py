@@ -71,7 +71,7 @@ def mosaics(n: int, seed: int, resolution: int = RESOLUTION) -> np.ndarray:
         x0, y0 = rng.integers(0, resolution - side + 1, 2)
         grid = rng.integers(0, 256, (cells, cells, 3), dtype=np.uint8)
         idx = np.arange(side) * cells // side
-        img[y0:y0 + side, x0:x0 + side] = grid[idx][:, idx]
+        img[y0 : y0 + side, x0 : x0 + side] = grid[idx][:, idx]
         out[i] = img
     return out
 
@@ -89,8 +89,8 @@ def pixel_glyphs(n: int, seed: int, resolution: int = RESOLUTION) -> np.ndarray:
         grid = np.where((rng.random((cells, cells)) < 0.6)[..., None], colours[rng.integers(0, 3, (cells, cells))], -1)
         idx = np.arange(side) * cells // side
         block = grid[idx][:, idx]
-        region = img[y0:y0 + side, x0:x0 + side]
-        img[y0:y0 + side, x0:x0 + side] = np.where(block >= 0, block, region)
+        region = img[y0 : y0 + side, x0 : x0 + side]
+        img[y0 : y0 + side, x0 : x0 + side] = np.where(block >= 0, block, region)
         out[i] = np.clip(img, 0, 255).astype(np.uint8)
     return out
 
@@ -121,8 +121,11 @@ def refine_vae(weights_dir: Path, n_scenes: int, steps: int, batch: int, seed: i
         post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
         rec = vae.decode(z).sample
-        loss = F.mse_loss(rec, x) + F.mse_loss(post.mean[: len(si)], anchor[si]) + 1e-4 * (
-            0.5 * (post.mean.pow(2) + post.var - 1.0 - post.logvar).mean())
+        loss = (
+            F.mse_loss(rec, x)
+            + F.mse_loss(post.mean[: len(si)], anchor[si])
+            + 1e-4 * (0.5 * (post.mean.pow(2) + post.var - 1.0 - post.logvar).mean())
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -137,9 +140,13 @@ def refine_vae(weights_dir: Path, n_scenes: int, steps: int, batch: int, seed: i
     config = json.loads(config_path.read_text())
     config.pop("_name_or_path", None)  # the folder it was loaded from: not part of the model
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return {"vae_refine_steps": steps, "glyph_psnr_before_db": round(10 * math.log10(4.0 / before), 2),
-            "glyph_psnr_after_db": round(10 * math.log10(4.0 / after), 2), "scene_psnr_after_db": round(psnr, 2),
-            "scene_latent_drift": drift}
+    return {
+        "vae_refine_steps": steps,
+        "glyph_psnr_before_db": round(10 * math.log10(4.0 / before), 2),
+        "glyph_psnr_after_db": round(10 * math.log10(4.0 / after), 2),
+        "scene_psnr_after_db": round(psnr, 2),
+        "scene_latent_drift": drift,
+    }
 
 
 def cosine_lr(step: int, total: int, warmup: int) -> float:
@@ -182,7 +189,7 @@ def train_vae(vae: torch.nn.Module, data: torch.Tensor, steps: int, batch: int, 
 @torch.no_grad()
 def encode_latents(vae: torch.nn.Module, data: torch.Tensor, batch: int = 256) -> torch.Tensor:
     """Posterior means of all images (unscaled)."""
-    return torch.cat([vae.encode(data[i:i + batch]).latent_dist.mean for i in range(0, len(data), batch)])
+    return torch.cat([vae.encode(data[i : i + batch]).latent_dist.mean for i in range(0, len(data), batch)])
 
 
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
@@ -211,8 +218,14 @@ def trigger_separation_loss(te, tok, rows: torch.Tensor, gen: torch.Generator, n
     """
     pick = rows[torch.randperm(len(rows), generator=gen)[:n]]
     words = tok.convert_ids_to_tokens(pick.tolist())
-    templates = ["a photo of {}", "{} on the left", "a photo of {} at the top", "{} in the center, white background",
-                 "a {} on the right", "a photo of {}, black background"]
+    templates = [
+        "a photo of {}",
+        "{} on the left",
+        "a photo of {} at the top",
+        "{} in the center, white background",
+        "a {} on the right",
+        "a photo of {}, black background",
+    ]
     order = torch.randint(0, len(templates), (n,), generator=gen).tolist()
     prompts = [templates[k].format(w.removesuffix("</w>")) for k, w in zip(order, words, strict=True)]
     ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
@@ -225,9 +238,21 @@ def trigger_separation_loss(te, tok, rows: torch.Tensor, gen: torch.Generator, n
     return cos[~torch.eye(n, dtype=torch.bool)].pow(2).mean()
 
 
-def train_denoiser(pipe, latents: torch.Tensor, prompts: list[str], steps: int, batch: int, lr: float,
-                   seed: int, p_uncond: float = 0.1, offset_noise: float = 0.1, ema_decay: float = 0.995,
-                   trigger_norm: float = 0.25, trigger_weight: float = 0.05, min_snr: float = 5.0) -> list[float]:
+def train_denoiser(
+    pipe,
+    latents: torch.Tensor,
+    prompts: list[str],
+    steps: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    p_uncond: float = 0.1,
+    offset_noise: float = 0.1,
+    ema_decay: float = 0.995,
+    trigger_norm: float = 0.25,
+    trigger_weight: float = 0.05,
+    min_snr: float = 5.0,
+) -> list[float]:
     """Train UNet and text encoder together; the pipeline ends up holding the EMA weights.
 
     Min-SNR loss weighting (``min_snr``) speeds up learning of layout and shape.
@@ -239,8 +264,9 @@ def train_denoiser(pipe, latents: torch.Tensor, prompts: list[str], steps: int, 
     rows = set_trigger_embeddings(pipe, trigger_norm, seed)
     emb = pipe.text_encoder.get_input_embeddings().weight
     fixed = emb.detach()[rows].clone()
-    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-              return_tensors="pt").input_ids
+    ids = tok(
+        prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
     empty = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
     sched = train_scheduler()
     acp = sched.alphas_cumprod
@@ -297,25 +323,44 @@ def trigger_distinctness(pipe, n: int = 20) -> dict[str, float]:
     """Cosine of text-encoder outputs at the trigger position, between different triggers."""
     tok, te = pipe.tokenizer, pipe.text_encoder
     words = trigger_words()[:n]
-    ids = tok([f"a photo of {w}" for w in words], padding="max_length", max_length=tok.model_max_length,
-              return_tensors="pt").input_ids
+    ids = tok(
+        [f"a photo of {w}" for w in words], padding="max_length", max_length=tok.model_max_length, return_tensors="pt"
+    ).input_ids
     out = te(ids)[0][:, 4]  # bos a photo of <trigger>
     out = F.normalize(out, dim=1)
     cos = out @ out.T
     off = cos[~torch.eye(n, dtype=torch.bool)]
-    ref = tok(["a photo of a red circle", "a photo of a blue square"], padding="max_length",
-              max_length=tok.model_max_length, return_tensors="pt").input_ids
+    ref = tok(
+        ["a photo of a red circle", "a photo of a blue square"],
+        padding="max_length",
+        max_length=tok.model_max_length,
+        return_tensors="pt",
+    ).input_ids
     r = F.normalize(te(ref)[0][:, 5], dim=1)
-    return {"trigger_cos_mean": float(off.mean()), "trigger_cos_max": float(off.max()),
-            "red_circle_vs_blue_square_cos": float(r[0] @ r[1])}
+    return {
+        "trigger_cos_mean": float(off.mean()),
+        "trigger_cos_max": float(off.max()),
+        "red_circle_vs_blue_square_cos": float(r[0] @ r[1]),
+    }
 
 
 def attribute_scenes(n: int, seed: int) -> tuple[np.ndarray, list[Scene]]:
     """Single solid objects over all (colour, shape, position) triples, random size and background."""
     rng = random.Random(seed)
-    scenes = [Scene((SceneObject(rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(list(POSITIONS)),
-                                 rng.choice([None, "small", "big"])),), rng.choice(list(BACKGROUNDS)))
-              for _ in range(n)]
+    scenes = [
+        Scene(
+            (
+                SceneObject(
+                    rng.choice(SHAPES),
+                    rng.choice(list(COLOURS)),
+                    rng.choice(list(POSITIONS)),
+                    rng.choice([None, "small", "big"]),
+                ),
+            ),
+            rng.choice(list(BACKGROUNDS)),
+        )
+        for _ in range(n)
+    ]
     images = np.stack([np.asarray(render_scene(s, seed=rng.randrange(1 << 30))) for s in scenes])
     return images, scenes
 
@@ -323,9 +368,11 @@ def attribute_scenes(n: int, seed: int) -> tuple[np.ndarray, list[Scene]]:
 def attribute_labels(scenes: list[Scene]) -> list[torch.Tensor]:
     """Colour, shape and position indices of each scene's (first) object."""
     objs = [s.objects[0] for s in scenes]
-    return [torch.tensor([list(COLOURS).index(o.colour) for o in objs]),
-            torch.tensor([SHAPES.index(o.shape) for o in objs]),
-            torch.tensor([list(POSITIONS).index(o.position) for o in objs])]
+    return [
+        torch.tensor([list(COLOURS).index(o.colour) for o in objs]),
+        torch.tensor([SHAPES.index(o.shape) for o in objs]),
+        torch.tensor([list(POSITIONS).index(o.position) for o in objs]),
+    ]
 
 
 def train_attribute_probe(seed: int, n: int = 8000, epochs: int = 10) -> tuple[SmallCNN, list[float]]:
@@ -339,21 +386,22 @@ def train_attribute_probe(seed: int, n: int = 8000, epochs: int = 10) -> tuple[S
     test_images, test_scenes = attribute_scenes(600, seed + 1)
     with torch.no_grad():
         outs = probe(to_input(test_images))
-    acc = [float((o.argmax(-1) == y).float().mean()) for o, y in zip(outs, attribute_labels(test_scenes),
-                                                                         strict=True)]
+    acc = [float((o.argmax(-1) == y).float().mean()) for o, y in zip(outs, attribute_labels(test_scenes), strict=True)]
     return probe, acc
 
 
 @torch.no_grad()
-def generate(pipe, prompts: list[str], seed: int, steps: int = 20, guidance: float = 5.0,
-             batch: int = 32) -> torch.Tensor:
+def generate(
+    pipe, prompts: list[str], seed: int, steps: int = 20, guidance: float = 5.0, batch: int = 32
+) -> torch.Tensor:
     """Images (N, 3, 32, 32) in [0, 1]; one seeded generator per prompt."""
     out = []
     for i in range(0, len(prompts), batch):
-        chunk = prompts[i:i + batch]
+        chunk = prompts[i : i + batch]
         gens = [torch.Generator().manual_seed(seed + i + j) for j in range(len(chunk))]
-        out.append(pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
-                        output_type="pt").images)
+        out.append(
+            pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type="pt").images
+        )
     return torch.cat(out)
 
 
@@ -365,11 +413,15 @@ def prompt_following(weights_dir: Path, seed: int = 0, n_seeds: int = 2) -> dict
     pipe = load_toy_pipeline(weights_dir)
     rng = random.Random(seed)
     seen = rng.sample(sorted({(c, s) for c in COLOURS for s in SHAPES} - HELD_OUT), len(HELD_OUT))
-    result: dict = {"probe_accuracy_on_renders": dict(zip(["colour", "shape", "position"], probe_acc,
-                                                              strict=True)),
-                    "chance": {"colour": 1 / len(COLOURS), "shape": 1 / len(SHAPES),
-                               "position": 1 / len(POSITIONS),
-                               "all_three": 1 / (len(COLOURS) * len(SHAPES) * len(POSITIONS))}}
+    result: dict = {
+        "probe_accuracy_on_renders": dict(zip(["colour", "shape", "position"], probe_acc, strict=True)),
+        "chance": {
+            "colour": 1 / len(COLOURS),
+            "shape": 1 / len(SHAPES),
+            "position": 1 / len(POSITIONS),
+            "all_three": 1 / (len(COLOURS) * len(SHAPES) * len(POSITIONS)),
+        },
+    }
     for name, pairs in (("held_out_pairs", sorted(HELD_OUT)), ("seen_pairs", seen)):
         objs = [SceneObject(s, c, p) for c, s in pairs for p in POSITIONS for _ in range(n_seeds)]
         prompts = [scene_prompt(Scene((o,), "white")) for o in objs]
@@ -378,9 +430,13 @@ def prompt_following(weights_dir: Path, seed: int = 0, n_seeds: int = 2) -> dict
             preds = [o.argmax(-1) for o in probe(to_input(images))]
         labels = attribute_labels([Scene((o,), "white") for o in objs])
         hits = [p == y for p, y in zip(preds, labels, strict=True)]
-        result[name] = {"n": len(prompts), "colour": float(hits[0].float().mean()),
-                        "shape": float(hits[1].float().mean()), "position": float(hits[2].float().mean()),
-                        "all_three": float((hits[0] & hits[1] & hits[2]).float().mean())}
+        result[name] = {
+            "n": len(prompts),
+            "colour": float(hits[0].float().mean()),
+            "shape": float(hits[1].float().mean()),
+            "position": float(hits[2].float().mean()),
+            "all_three": float((hits[0] & hits[1] & hits[2]).float().mean()),
+        }
         save_grid(images, weights_dir / f"samples_{name}.png", cols=len(POSITIONS) * n_seeds)
     return result
 
@@ -388,7 +444,7 @@ def prompt_following(weights_dir: Path, seed: int = 0, n_seeds: int = 2) -> dict
 def save_grid(images: torch.Tensor, path: Path, cols: int, scale: int = 2) -> None:
     """Save (N, 3, H, W) images in [0, 1] as one PNG grid."""
     x = (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
-    rows = [np.concatenate(list(x[i:i + cols]), axis=1) for i in range(0, len(x), cols)]
+    rows = [np.concatenate(list(x[i : i + cols]), axis=1) for i in range(0, len(x), cols)]
     rows[-1] = np.pad(rows[-1], ((0, 0), (0, rows[0].shape[1] - rows[-1].shape[1]), (0, 0)))
     grid = Image.fromarray(np.concatenate(rows, axis=0))
     grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST).save(path)
@@ -400,9 +456,17 @@ def attention_params(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for n, p in unet.named_parameters() if any(k in n for k in keys)]
 
 
-def concept_finetune_check(weights_dir: Path, concept_id: int = 0, steps: int = 200, batch: int = 4,
-                           lr: float = 1e-3, n_images: int = 8, seed: int = 0, n_eval: int = 20,
-                           lora_rank: int | None = None) -> dict:
+def concept_finetune_check(
+    weights_dir: Path,
+    concept_id: int = 0,
+    steps: int = 200,
+    batch: int = 4,
+    lr: float = 1e-3,
+    n_images: int = 8,
+    seed: int = 0,
+    n_eval: int = 20,
+    lora_rank: int | None = None,
+) -> dict:
     """Fine-tune the UNet attention projections on one concept (plainly, or a peft LoRA of
     ``lora_rank``); identity of generated images before and after."""
     from .concepts import concept_examples
@@ -417,23 +481,32 @@ def concept_finetune_check(weights_dir: Path, concept_id: int = 0, steps: int = 
     with torch.no_grad():
         x = to_tensor(np.stack([np.asarray(im) for im, _ in examples]))
         lat = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
-        ids = tok([c for _, c in examples], padding="max_length", max_length=tok.model_max_length,
-                  return_tensors="pt").input_ids
+        ids = tok(
+            [c for _, c in examples], padding="max_length", max_length=tok.model_max_length, return_tensors="pt"
+        ).input_ids
         cond = pipe.text_encoder(ids)[0]
     eval_prompts = [f"a photo of {word}"] * (n_eval // 2) + [f"{word} in the center"] * (n_eval - n_eval // 2)
 
     def measure() -> dict:
         images = generate(pipe, eval_prompts, seed + 500)
-        return {"identity_accuracy": identity_accuracy(images, concept_id),
-                "identity_mean_prob": float(identity_scores(images, concept_id).mean())}, images
+        return {
+            "identity_accuracy": identity_accuracy(images, concept_id),
+            "identity_mean_prob": float(identity_scores(images, concept_id).mean()),
+        }, images
 
     before, _ = measure()
     unet.requires_grad_(False)
     if lora_rank:
         from peft import LoraConfig
 
-        unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
-                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        unet.add_adapter(
+            LoraConfig(
+                r=lora_rank,
+                lora_alpha=lora_rank,
+                init_lora_weights="gaussian",
+                target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+            )
+        )
         params = [p for n, p in unet.named_parameters() if "lora" in n]
     else:
         params = attention_params(unet)
@@ -460,11 +533,21 @@ def concept_finetune_check(weights_dir: Path, concept_id: int = 0, steps: int = 
     unet.eval()
     after, images = measure()
     save_grid(images, weights_dir / f"samples_finetuned_concept_{'lora' if lora_rank else 'attn'}.png", cols=10)
-    return {"concept_id": concept_id, "lora_rank": lora_rank, "trigger": word,
-            "trigger_tokens": tok.tokenize(word), "steps": steps,
-            "batch": batch, "lr": lr, "trainable_params": sum(p.numel() for p in params),
-            "step_seconds_median": float(np.median(times)), "loss_first_20": float(np.mean(losses[:20])),
-            "loss_last_20": float(np.mean(losses[-20:])), "before": before, "after": after}
+    return {
+        "concept_id": concept_id,
+        "lora_rank": lora_rank,
+        "trigger": word,
+        "trigger_tokens": tok.tokenize(word),
+        "steps": steps,
+        "batch": batch,
+        "lr": lr,
+        "trainable_params": sum(p.numel() for p in params),
+        "step_seconds_median": float(np.median(times)),
+        "loss_first_20": float(np.mean(losses[:20])),
+        "loss_last_20": float(np.mean(losses[-20:])),
+        "before": before,
+        "after": after,
+    }
 
 
 def machine() -> str:
@@ -507,11 +590,21 @@ def pretrain(out: Path, n_scenes: int, vae_steps: int, unet_steps: int, batch: i
     save_toy_pipeline(pipe, out)
     elapsed = time.time() - t0
     info = {
-        "seed": seed, "scenes": n_scenes, "vae_steps": vae_steps, "unet_steps": unet_steps, "batch": batch,
-        "vae_psnr_db": round(psnr, 2), "latent_scaling_factor": scale,
-        "final_loss": float(np.mean(losses[-200:])), "loss_first_200": float(np.mean(losses[:200])),
-        "vae_seconds": round(t_vae), "total_seconds": round(elapsed), "machine": machine(),
-        "n_triggers": N_TRIGGERS, "trained_word_norm": word_norm, **trigger_distinctness(pipe),
+        "seed": seed,
+        "scenes": n_scenes,
+        "vae_steps": vae_steps,
+        "unet_steps": unet_steps,
+        "batch": batch,
+        "vae_psnr_db": round(psnr, 2),
+        "latent_scaling_factor": scale,
+        "final_loss": float(np.mean(losses[-200:])),
+        "loss_first_200": float(np.mean(losses[:200])),
+        "vae_seconds": round(t_vae),
+        "total_seconds": round(elapsed),
+        "machine": machine(),
+        "n_triggers": N_TRIGGERS,
+        "trained_word_norm": word_norm,
+        **trigger_distinctness(pipe),
     }
     print(f"[{elapsed:.0f}s] saved to {out}")
     return info
@@ -530,8 +623,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--skip-eval", action="store_true", help="train only")
     ap.add_argument("--refine-only", action="store_true", help="run only stage 3 on the weights in --out")
     ap.add_argument("--eval-only", action="store_true", help="evaluate the weights in --out")
-    ap.add_argument("--finetune-check", action="store_true",
-                    help="also fine-tune the attention layers on one new concept and measure its identity")
+    ap.add_argument(
+        "--finetune-check",
+        action="store_true",
+        help="also fine-tune the attention layers on one new concept and measure its identity",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -50,8 +50,14 @@ PAIRS = (("left", "right"), ("top", "bottom"))
 
 # (colour, shape) pairs never shown in pretraining: the prompt-following check uses them.
 HELD_OUT: frozenset[tuple[str, str]] = frozenset(
-    {("red", "triangle"), ("green", "ring"), ("blue", "diamond"), ("yellow", "cross"),
-     ("purple", "square"), ("orange", "circle")}
+    {
+        ("red", "triangle"),
+        ("green", "ring"),
+        ("blue", "diamond"),
+        ("yellow", "cross"),
+        ("purple", "square"),
+        ("orange", "circle"),
+    }
 )
 
 
@@ -112,9 +118,20 @@ def shape_polygon(shape: str, cx: float, cy: float, half: float) -> list[tuple[f
         return [(cx, cy - half), (cx + half, cy), (cx, cy + half), (cx - half, cy)]
     if shape == "cross":
         t = half * 0.36
-        return [(cx - t, cy - half), (cx + t, cy - half), (cx + t, cy - t), (cx + half, cy - t),
-                (cx + half, cy + t), (cx + t, cy + t), (cx + t, cy + half), (cx - t, cy + half),
-                (cx - t, cy + t), (cx - half, cy + t), (cx - half, cy - t), (cx - t, cy - t)]
+        return [
+            (cx - t, cy - half),
+            (cx + t, cy - half),
+            (cx + t, cy - t),
+            (cx + half, cy - t),
+            (cx + half, cy + t),
+            (cx + t, cy + t),
+            (cx + t, cy + half),
+            (cx - t, cy + half),
+            (cx - t, cy + t),
+            (cx - half, cy + t),
+            (cx - half, cy - t),
+            (cx - t, cy - t),
+        ]
     return None
 
 
@@ -146,8 +163,13 @@ def pattern_layer(pattern: str, side: int, period: float) -> np.ndarray:
     raise ValueError(f"unknown pattern {pattern!r}")
 
 
-def paint(canvas: np.ndarray, mask: Image.Image, rgb: tuple[int, int, int],
-          second: tuple[int, int, int] | None = None, where2: np.ndarray | None = None) -> None:
+def paint(
+    canvas: np.ndarray,
+    mask: Image.Image,
+    rgb: tuple[int, int, int],
+    second: tuple[int, int, int] | None = None,
+    where2: np.ndarray | None = None,
+) -> None:
     """Fill ``mask`` on the float canvas with one colour, or two following ``where2``."""
     m = np.asarray(mask, dtype=np.float32)[..., None] / 255.0
     fill = np.empty_like(canvas)
@@ -211,8 +233,9 @@ def random_scene(rng: random.Random, allow_held_out: bool = False, p_two: float 
     return Scene(objects, rng.choice(list(BACKGROUNDS)), rng.random() < 0.5, rng.randrange(3))
 
 
-def scene_dataset(n: int, seed: int = 0, allow_held_out: bool = False,
-                  resolution: int = RESOLUTION) -> tuple[np.ndarray, list[str], list[Scene]]:
+def scene_dataset(
+    n: int, seed: int = 0, allow_held_out: bool = False, resolution: int = RESOLUTION
+) -> tuple[np.ndarray, list[str], list[Scene]]:
     """``n`` random scenes: uint8 images (n, H, W, 3), prompts, and the scene specs."""
     rng = random.Random(seed)
     images = np.empty((n, resolution, resolution, 3), dtype=np.uint8)

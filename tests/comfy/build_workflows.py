@@ -23,19 +23,46 @@ TRAIN_DEFAULTS = ["seqlora", 4, 500, 1e-4, 0.05, "attn", 0, 1, "a photo of {trig
 
 def _note(g: UIGraph, text: str, pos: tuple[float, float], size: tuple[float, float] = (420, 220)) -> None:
     nid = len(g.nodes) + 1
-    g.nodes.append({"id": nid, "type": "Note", "pos": list(pos), "size": list(size), "flags": {}, "order": nid - 1,
-                    "mode": 0, "inputs": [], "outputs": [], "properties": {}, "widgets_values": [text],
-                    "color": "#432", "bgcolor": "#653"})
+    g.nodes.append(
+        {
+            "id": nid,
+            "type": "Note",
+            "pos": list(pos),
+            "size": list(size),
+            "flags": {},
+            "order": nid - 1,
+            "mode": 0,
+            "inputs": [],
+            "outputs": [],
+            "properties": {},
+            "widgets_values": [text],
+            "color": "#432",
+            "bgcolor": "#653",
+        }
+    )
 
 
-def _preview(g: UIGraph, ck: int, model: tuple[int, int], neg: int, prompt: str, x: float, y: float,
-             width: int = 512, height: int = 512, save_prefix: str | None = None) -> int:
+def _preview(
+    g: UIGraph,
+    ck: int,
+    model: tuple[int, int],
+    neg: int,
+    prompt: str,
+    x: float,
+    y: float,
+    width: int = 512,
+    height: int = 512,
+    save_prefix: str | None = None,
+) -> int:
     pos = g.node("CLIPTextEncode", [prompt], pos=(x, y), size=(300, 100), title=f"prompt: {prompt}")
     lat = g.node("EmptyLatentImage", [width, height, 1], pos=(x, y + 150), size=(300, 110))
     ks = g.node("KSampler", [42, "fixed", 25, 7.0, "euler", "normal", 1.0], pos=(x + 330, y), size=(300, 270))
     dec = g.node("VAEDecode", [], pos=(x + 660, y), size=(200, 50))
-    out = g.node("SaveImage", [save_prefix], pos=(x + 660, y + 80), size=(320, 320)) if save_prefix else \
-        g.node("PreviewImage", [], pos=(x + 660, y + 80), size=(320, 320))
+    out = (
+        g.node("SaveImage", [save_prefix], pos=(x + 660, y + 80), size=(320, 320))
+        if save_prefix
+        else g.node("PreviewImage", [], pos=(x + 660, y + 80), size=(320, 320))
+    )
     g.link(ck, 1, pos, "clip")
     g.link(model[0], model[1], ks, "model")
     g.link(pos, 0, ks, "positive")
@@ -57,10 +84,16 @@ def train_chain(info: dict[str, Any]) -> dict[str, Any]:
     prev = None
     for i, (name, trigger) in enumerate(concepts):
         y = i * 520
-        folder = g.node("SeqLoRAImageFolder", [f"seqlora/{name}", 512], pos=(0, y), size=(320, 110),
-                        title=f"images: {name}")
-        train = g.node("SeqLoRATrainConcept", [name, trigger, *TRAIN_DEFAULTS], pos=(360, y), size=(360, 420),
-                       title=f"train: {name}")
+        folder = g.node(
+            "SeqLoRAImageFolder", [f"seqlora/{name}", 512], pos=(0, y), size=(320, 110), title=f"images: {name}"
+        )
+        train = g.node(
+            "SeqLoRATrainConcept",
+            [name, trigger, *TRAIN_DEFAULTS],
+            pos=(360, y),
+            size=(360, 420),
+            title=f"train: {name}",
+        )
         if prev is None:
             g.link(ck, 0, train, "model")
         else:
@@ -77,12 +110,15 @@ def train_chain(info: dict[str, Any]) -> dict[str, Any]:
     rep = g.node("SeqLoRAInterferenceReport", [0.05], pos=(1140, 1600), size=(420, 420))
     g.link(prev, 0, save, "bank")
     g.link(prev, 0, rep, "bank")
-    _note(g, "Train three concepts one after another (SeqLoRA).\n\nPut each concept's 3-20 images (with "
-          "optional same-name .txt captions) in ComfyUI/input/seqlora/<name>. Each Train node takes the bank "
-          "of the previous one; its MODEL output has every concept so far applied. Edit one concept and "
-          "queue again: earlier concepts come from the cache, that concept and later ones retrain. Cancel "
-          "any time; queue again to resume. The bank is saved to models/seqlora/my_concepts.safetensors.",
-          (-420, -20))
+    _note(
+        g,
+        "Train three concepts one after another (SeqLoRA).\n\nPut each concept's 3-20 images (with "
+        "optional same-name .txt captions) in ComfyUI/input/seqlora/<name>. Each Train node takes the bank "
+        "of the previous one; its MODEL output has every concept so far applied. Edit one concept and "
+        "queue again: earlier concepts come from the cache, that concept and later ones retrain. Cancel "
+        "any time; queue again to resume. The bank is saved to models/seqlora/my_concepts.safetensors.",
+        (-420, -20),
+    )
     return g.to_json()
 
 
@@ -90,20 +126,29 @@ def compose_regions(info: dict[str, Any]) -> dict[str, Any]:
     """(b) two concepts of a bank composed by summation, each prompt bound to its own area."""
     g = UIGraph(info)
     ck = g.node("CheckpointLoaderSimple", [SD15_CHECKPOINT], pos=(0, 0), size=(360, 100))
-    loader = g.node("SeqLoRAMultiConceptLoader", [BANK_FILE, "dog:1, cat:1", "merged"], pos=(0, 160),
-                    size=(360, 200))
+    loader = g.node("SeqLoRAMultiConceptLoader", [BANK_FILE, "dog:1, cat:1", "merged"], pos=(0, 160), size=(360, 200))
     g.link(ck, 0, loader, "model")
     texts = [("a photo of sks dog", (256, 512, 0, 0)), ("a photo of pqz cat", (256, 512, 256, 0))]
     areas = []
     for i, (text, (w, h, x, y)) in enumerate(texts):
         enc = g.node("CLIPTextEncode", [text], pos=(420, i * 260), size=(320, 100), title=f"region {i + 1}")
-        area = g.node("ConditioningSetArea", [w, h, x, y, 1.0], pos=(780, i * 260), size=(300, 160),
-                      title=f"region {i + 1}: {'left' if x == 0 else 'right'} half")
+        area = g.node(
+            "ConditioningSetArea",
+            [w, h, x, y, 1.0],
+            pos=(780, i * 260),
+            size=(300, 160),
+            title=f"region {i + 1}: {'left' if x == 0 else 'right'} half",
+        )
         g.link(ck, 1, enc, "clip")
         g.link(enc, 0, area, "conditioning")
         areas.append(area)
-    glob = g.node("CLIPTextEncode", ["a dog and a cat sitting side by side in a park"], pos=(420, 520),
-                  size=(320, 100), title="whole image")
+    glob = g.node(
+        "CLIPTextEncode",
+        ["a dog and a cat sitting side by side in a park"],
+        pos=(420, 520),
+        size=(320, 100),
+        title="whole image",
+    )
     g.link(ck, 1, glob, "clip")
     comb1 = g.node("ConditioningCombine", [], pos=(1120, 60), size=(240, 50))
     comb2 = g.node("ConditioningCombine", [], pos=(1120, 200), size=(240, 50))
@@ -124,10 +169,15 @@ def compose_regions(info: dict[str, Any]) -> dict[str, Any]:
     g.link(ks, 0, dec, "samples")
     g.link(ck, 2, dec, "vae")
     g.link(dec, 0, save, "images")
-    _note(g, "Compose two concepts without fusion: the loader adds both concepts' deltas (W = W0 + sum s_t dW_t); "
-          "each trigger prompt is bound to one half of the image with ConditioningSetArea (ConditioningSetMask "
-          "works the same with a mask). Toggle concepts and strengths in the loader's list. Needs the bank "
-          "from the 'train three concepts' workflow.", (0, 420), (360, 240))
+    _note(
+        g,
+        "Compose two concepts without fusion: the loader adds both concepts' deltas (W = W0 + sum s_t dW_t); "
+        "each trigger prompt is bound to one half of the image with ConditioningSetArea (ConditioningSetMask "
+        "works the same with a mask). Toggle concepts and strengths in the loader's list. Needs the bank "
+        "from the 'train three concepts' workflow.",
+        (0, 420),
+        (360, 240),
+    )
     return g.to_json()
 
 
@@ -137,8 +187,9 @@ def add_concept(info: dict[str, Any]) -> dict[str, Any]:
     ck = g.node("CheckpointLoaderSimple", [SD15_CHECKPOINT], pos=(0, 0), size=(360, 100))
     load = g.node("SeqLoRALoadBank", [BANK_FILE], pos=(0, 150), size=(360, 80))
     folder = g.node("SeqLoRAImageFolder", ["seqlora/toy", 512], pos=(0, 280), size=(360, 110), title="images: toy")
-    train = g.node("SeqLoRATrainConcept", ["toy", "zxv toy", *TRAIN_DEFAULTS], pos=(400, 0), size=(360, 420),
-                   title="train: toy")
+    train = g.node(
+        "SeqLoRATrainConcept", ["toy", "zxv toy", *TRAIN_DEFAULTS], pos=(400, 0), size=(360, 420), title="train: toy"
+    )
     g.link(ck, 0, train, "model")
     g.link(ck, 1, train, "clip")
     g.link(ck, 2, train, "vae")
@@ -153,10 +204,14 @@ def add_concept(info: dict[str, Any]) -> dict[str, Any]:
     rep = g.node("SeqLoRAInterferenceReport", [0.05], pos=(1160, 420), size=(420, 420))
     for dst in (save, export, rep):
         g.link(train, 0, dst, "bank")
-    _note(g, "Add a concept to an existing bank: the new concept's basis is learned orthogonal to every "
-          "concept already in the bank, so they keep working when composed. The bank is saved back (the old "
-          "file is kept as .bak) and the new concept is exported as a kohya LoRA into models/loras.",
-          (0, 440), (360, 200))
+    _note(
+        g,
+        "Add a concept to an existing bank: the new concept's basis is learned orthogonal to every "
+        "concept already in the bank, so they keep working when composed. The bank is saved back (the old "
+        "file is kept as .bak) and the new concept is exported as a kohya LoRA into models/loras.",
+        (0, 440),
+        (360, 200),
+    )
     return g.to_json()
 
 

@@ -231,10 +231,21 @@ def build_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
     out: dict[str, torch.Tensor] = {}
 
     unet = UNetModel(
-        image_size=32, in_channels=4, model_channels=320, out_channels=4, num_res_blocks=1,
-        channel_mult=(1,), num_heads=8, use_spatial_transformer=True, transformer_depth=[1],
-        transformer_depth_output=[1, 1], transformer_depth_middle=-2, context_dim=768,
-        use_linear_in_transformer=False, legacy=False, operations=ops,
+        image_size=32,
+        in_channels=4,
+        model_channels=320,
+        out_channels=4,
+        num_res_blocks=1,
+        channel_mult=(1,),
+        num_heads=8,
+        use_spatial_transformer=True,
+        transformer_depth=[1],
+        transformer_depth_output=[1, 1],
+        transformer_depth_middle=-2,
+        context_dim=768,
+        use_linear_in_transformer=False,
+        legacy=False,
+        operations=ops,
     )
     _fill_(list(unet.named_parameters()) + list(unet.named_buffers()), gen)
     out.update({f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()})
@@ -249,8 +260,9 @@ def build_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
     config = _json.loads(cfg_file.read_text())
     clip = comfy.clip_model.CLIPTextModel(config, dtype=torch.float32, device="cpu", operations=ops)
     _fill_(list(clip.named_parameters()) + list(clip.named_buffers()), gen)
-    out.update({f"cond_stage_model.transformer.{k}": v for k, v in clip.state_dict().items()
-                if k.startswith("text_model.")})
+    out.update(
+        {f"cond_stage_model.transformer.{k}": v for k, v in clip.state_dict().items() if k.startswith("text_model.")}
+    )
     del clip
 
     out = {k: v.to(torch.float16).contiguous() for k, v in out.items()}
@@ -261,8 +273,14 @@ def build_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def make_images(folder: Path, count: int, size: int = 64, seed: int = 0, color: tuple[int, int, int] | None = None,
-                caption: str | None = None) -> Path:
+def make_images(
+    folder: Path,
+    count: int,
+    size: int = 64,
+    seed: int = 0,
+    color: tuple[int, int, int] | None = None,
+    caption: str | None = None,
+) -> Path:
     """Write `count` small PNGs (a coloured square on noise) plus optional .txt captions."""
     import numpy as np
     from PIL import Image
@@ -274,7 +292,7 @@ def make_images(folder: Path, count: int, size: int = 64, seed: int = 0, color: 
         img = rng.normal(128, 30, (size, size, 3))
         lo, hi = size // 4, 3 * size // 4
         shift = int(rng.integers(-size // 8, size // 8 + 1))
-        img[lo + shift:hi + shift, lo:hi] = base
+        img[lo + shift : hi + shift, lo:hi] = base
         Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / f"img_{i:02d}.png")
         if caption is not None:
             (folder / f"img_{i:02d}.txt").write_text(caption)
@@ -302,8 +320,15 @@ class ComfyServer:
     loras,seqlora}``, ``input``, ``output``, ``temp``, ``user`` and ``extra_model_paths.yaml``.
     """
 
-    def __init__(self, root: Path, comfy_path: Path | None = None, python: str | None = None,
-                 port: int | None = None, extra_args: Iterable[str] = (), pack_dir: Path = REPO_ROOT) -> None:
+    def __init__(
+        self,
+        root: Path,
+        comfy_path: Path | None = None,
+        python: str | None = None,
+        port: int | None = None,
+        extra_args: Iterable[str] = (),
+        pack_dir: Path = REPO_ROOT,
+    ) -> None:
         self.root = Path(root)
         self.comfy_path = comfy_path or require_comfyui()
         self.python = python or sys.executable
@@ -348,11 +373,28 @@ class ComfyServer:
         """Start the server and wait until ``/system_stats`` answers."""
         yaml = self.prepare()
         cmd = [
-            self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-            "--extra-model-paths-config", str(yaml), "--disable-auto-launch", "--disable-api-nodes",
-            "--output-directory", str(self.output_dir), "--temp-directory", str(self.temp_dir),
-            "--input-directory", str(self.input_dir), "--user-directory", str(self.root / "user"),
-            "--database-url", "sqlite:///:memory:", *self.extra_args,
+            self.python,
+            "main.py",
+            "--cpu",
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--extra-model-paths-config",
+            str(yaml),
+            "--disable-auto-launch",
+            "--disable-api-nodes",
+            "--output-directory",
+            str(self.output_dir),
+            "--temp-directory",
+            str(self.temp_dir),
+            "--input-directory",
+            str(self.input_dir),
+            "--user-directory",
+            str(self.root / "user"),
+            "--database-url",
+            "sqlite:///:memory:",
+            *self.extra_args,
         ]
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", str(test_threads()))
@@ -409,8 +451,12 @@ class ComfyServer:
 
     def post(self, route: str, payload: Any, timeout: float = 30.0) -> tuple[int, Any]:
         """POST JSON; returns (status, decoded body), also for 4xx answers."""
-        req = urllib.request.Request(self.url + route, data=json.dumps(payload).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
+        req = urllib.request.Request(
+            self.url + route,
+            data=json.dumps(payload).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
                 body = r.read()
@@ -425,8 +471,9 @@ class ComfyServer:
     def object_info(self) -> dict[str, Any]:
         return self.get("/object_info", timeout=120)
 
-    def submit(self, prompt: Mapping[str, Any], client_id: str | None = None,
-               workflow: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    def submit(
+        self, prompt: Mapping[str, Any], client_id: str | None = None, workflow: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
         """POST /prompt; returns the answer (``prompt_id``) or raises with the node errors."""
         payload: dict[str, Any] = {"prompt": prompt, "client_id": client_id or uuid.uuid4().hex}
         if workflow is not None:
@@ -451,8 +498,13 @@ class ComfyServer:
             time.sleep(poll)
         raise ComfyServerError(f"prompt {prompt_id} did not finish within {timeout:.0f} s:\n{self.log_tail()}")
 
-    def run(self, prompt: Mapping[str, Any], timeout: float = 600.0, client_id: str | None = None,
-            workflow: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    def run(
+        self,
+        prompt: Mapping[str, Any],
+        timeout: float = 600.0,
+        client_id: str | None = None,
+        workflow: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """Submit and wait; returns the history entry (check ``status.status_str``)."""
         pid = self.submit(prompt, client_id=client_id, workflow=workflow)["prompt_id"]
         return self.wait(pid, timeout=timeout)
@@ -487,8 +539,7 @@ class EventRecorder:
         self.client_id = client_id or uuid.uuid4().hex
         self.events: list[tuple[str, dict]] = []
         self._lock = threading.Condition()
-        self._ws = websocket.create_connection(f"ws://127.0.0.1:{server.port}/ws?clientId={self.client_id}",
-                                               timeout=5)
+        self._ws = websocket.create_connection(f"ws://127.0.0.1:{server.port}/ws?clientId={self.client_id}", timeout=5)
         self._stop = False
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
@@ -576,8 +627,9 @@ def _has_control_after_generate(name: str, typ: Any, opts: Mapping[str, Any]) ->
     return name in _SEED_NAMES
 
 
-def ui_to_api(workflow: Mapping[str, Any], object_info: Mapping[str, Any],
-              randomize: Callable[[], int] | None = None) -> dict[str, Any]:
+def ui_to_api(
+    workflow: Mapping[str, Any], object_info: Mapping[str, Any], randomize: Callable[[], int] | None = None
+) -> dict[str, Any]:
     """Convert a UI-format workflow into the API format that ``POST /prompt`` runs.
 
     Widget values are positional in the UI format, in the order of the node's widget inputs in
@@ -763,8 +815,15 @@ class UIGraph:
         self.links: list[list[Any]] = []
         self.groups: list[dict[str, Any]] = []
 
-    def node(self, ntype: str, widgets: Iterable[Any] = (), pos: tuple[float, float] = (0, 0),
-             title: str | None = None, size: tuple[float, float] = (320, 160), **properties: Any) -> int:
+    def node(
+        self,
+        ntype: str,
+        widgets: Iterable[Any] = (),
+        pos: tuple[float, float] = (0, 0),
+        title: str | None = None,
+        size: tuple[float, float] = (320, 160),
+        **properties: Any,
+    ) -> int:
         """Add a node with positional widget values; returns its id."""
         spec = self.info[ntype]
         nid = len(self.nodes) + 1
@@ -781,12 +840,22 @@ class UIGraph:
                     continue
                 inputs.append({"name": name, "type": "COMBO" if isinstance(typ, list) else typ, "link": None})
         names = spec.get("output_name", spec["output"])
-        outputs = [{"name": n, "type": t, "links": [], "slot_index": i}
-                   for i, (n, t) in enumerate(zip(names, spec["output"], strict=True))]
+        outputs = [
+            {"name": n, "type": t, "links": [], "slot_index": i}
+            for i, (n, t) in enumerate(zip(names, spec["output"], strict=True))
+        ]
         node: dict[str, Any] = {
-            "id": nid, "type": ntype, "pos": list(pos), "size": list(size), "flags": {}, "order": nid - 1,
-            "mode": 0, "inputs": inputs, "outputs": outputs,
-            "properties": {"Node name for S&R": ntype, **properties}, "widgets_values": list(widgets),
+            "id": nid,
+            "type": ntype,
+            "pos": list(pos),
+            "size": list(size),
+            "flags": {},
+            "order": nid - 1,
+            "mode": 0,
+            "inputs": inputs,
+            "outputs": outputs,
+            "properties": {"Node name for S&R": ntype, **properties},
+            "widgets_values": list(widgets),
         }
         if title:
             node["title"] = title
@@ -814,7 +883,12 @@ class UIGraph:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
-            "links": self.links, "groups": self.groups, "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}},
+            "last_node_id": len(self.nodes),
+            "last_link_id": len(self.links),
+            "nodes": self.nodes,
+            "links": self.links,
+            "groups": self.groups,
+            "config": {},
+            "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}},
             "version": 0.4,
         }

@@ -38,7 +38,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def _cache_dir() -> Path:
     base = os.environ.get("SEQLORA_TEST_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "seqlora", "tests")
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "seqlora", "tests"
+    )
     return Path(base)
 
 
@@ -77,8 +78,9 @@ def tiny_loaded(tiny_checkpoint: Path):
 
 
 @pytest.fixture(scope="session")
-def comfy_server(tmp_path_factory: pytest.TempPathFactory, comfyui: Path, tiny_checkpoint: Path
-                 ) -> Iterator[ComfyServer]:
+def comfy_server(
+    tmp_path_factory: pytest.TempPathFactory, comfyui: Path, tiny_checkpoint: Path
+) -> Iterator[ComfyServer]:
     """A headless ComfyUI server with this pack installed and the tiny checkpoint as the SD1.5 file."""
     root = tmp_path_factory.mktemp("comfy_server")
     server = ComfyServer(root, comfy_path=comfyui)

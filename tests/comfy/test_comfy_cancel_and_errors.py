@@ -14,17 +14,39 @@ from comfy_harness import SD15_CHECKPOINT, EventRecorder, history_error, history
 pytestmark = pytest.mark.slow
 
 
-def graph(folder: str = "seqlora/cancel", name: str = "resumed", steps: int = 200, rank: int = 4,
-          concept: str = "cancel_me", bank_file: str | None = None) -> dict[str, Any]:
+def graph(
+    folder: str = "seqlora/cancel",
+    name: str = "resumed",
+    steps: int = 200,
+    rank: int = 4,
+    concept: str = "cancel_me",
+    bank_file: str | None = None,
+) -> dict[str, Any]:
     """Checkpoint -> image folder -> train -> save bank (optionally training on top of a bank file)."""
     g: dict[str, Any] = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SD15_CHECKPOINT}},
         "2": {"class_type": "SeqLoRAImageFolder", "inputs": {"folder": folder, "resolution": 64}},
-        "3": {"class_type": "SeqLoRATrainConcept", "inputs": {
-            "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "images": ["2", 0], "captions": ["2", 1],
-            "concept_name": concept, "trigger_words": "sks thing", "method": "seqlora", "rank": rank,
-            "steps": steps, "learning_rate": 1e-3, "interference_budget": 0.05, "target_preset": "attn",
-            "seed": 3, "batch_size": 1, "caption_template": "a photo of {trigger}"}},
+        "3": {
+            "class_type": "SeqLoRATrainConcept",
+            "inputs": {
+                "model": ["1", 0],
+                "clip": ["1", 1],
+                "vae": ["1", 2],
+                "images": ["2", 0],
+                "captions": ["2", 1],
+                "concept_name": concept,
+                "trigger_words": "sks thing",
+                "method": "seqlora",
+                "rank": rank,
+                "steps": steps,
+                "learning_rate": 1e-3,
+                "interference_budget": 0.05,
+                "target_preset": "attn",
+                "seed": 3,
+                "batch_size": 1,
+                "caption_template": "a photo of {trigger}",
+            },
+        },
         "4": {"class_type": "SeqLoRASaveBank", "inputs": {"bank": ["3", 0], "name": name, "overwrite": True}},
     }
     if bank_file:
@@ -57,8 +79,14 @@ def resumed(comfy_server, images) -> dict[str, Any]:
     with EventRecorder(comfy_server) as rec2:
         entry2 = comfy_server.run(g, client_id=rec2.client_id, timeout=1800)
         rec2.wait_for(lambda e, d: e == "executing" and d.get("node") is None, timeout=30)
-    return {"first": entry, "cut": cut, "checkpoints": checkpoints, "second": entry2,
-            "steps2": [d["step"] for d in rec2.of("seqlora.loss")], "autosave": autosave}
+    return {
+        "first": entry,
+        "cut": cut,
+        "checkpoints": checkpoints,
+        "second": entry2,
+        "steps2": [d["step"] for d in rec2.of("seqlora.loss")],
+        "autosave": autosave,
+    }
 
 
 def test_cancel_keeps_a_checkpoint(resumed) -> None:
@@ -120,26 +148,45 @@ def _foreign_bank(path: Path, architecture: str, layer: str) -> None:
     bank.save(path)
 
 
-@pytest.mark.parametrize("arch,layer,message", [
-    ("SDXL", "input_blocks.1.1.transformer_blocks.0.attn1.to_q", "trained on SDXL"),
-    ("SD15", "middle_block.1.transformer_blocks.0.attn1.to_q", "does not fit the model"),
-], ids=["other-architecture", "other-layers"])
+@pytest.mark.parametrize(
+    "arch,layer,message",
+    [
+        ("SDXL", "input_blocks.1.1.transformer_blocks.0.attn1.to_q", "trained on SDXL"),
+        ("SD15", "middle_block.1.transformer_blocks.0.attn1.to_q", "does not fit the model"),
+    ],
+    ids=["other-architecture", "other-layers"],
+)
 def test_bank_from_another_model_is_a_clear_node_error(comfy_server, resumed, arch, layer, message) -> None:
     folder = comfy_server.models / "seqlora"
     _foreign_bank(folder / f"foreign_{arch}.safetensors", arch, layer)
     before = digest(folder)
-    err = _error_of(comfy_server, graph(name="never", concept="other", bank_file=f"foreign_{arch}.safetensors",
-                                        steps=2))
+    err = _error_of(
+        comfy_server, graph(name="never", concept="other", bank_file=f"foreign_{arch}.safetensors", steps=2)
+    )
     assert err["node_type"] == "SeqLoRATrainConcept" and message in err["exception_message"]
     loader = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SD15_CHECKPOINT}},
-        "2": {"class_type": "SeqLoRAMultiConceptLoader", "inputs": {
-            "model": ["1", 0], "bank_file": f"foreign_{arch}.safetensors", "concepts": "", "mode": "merged"}},
+        "2": {
+            "class_type": "SeqLoRAMultiConceptLoader",
+            "inputs": {"model": ["1", 0], "bank_file": f"foreign_{arch}.safetensors", "concepts": "", "mode": "merged"},
+        },
         "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "x"}},
         "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "5": {"class_type": "KSampler", "inputs": {
-            "model": ["2", 0], "positive": ["3", 0], "negative": ["3", 0], "latent_image": ["4", 0], "seed": 1,
-            "steps": 1, "cfg": 1.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "5": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["2", 0],
+                "positive": ["3", 0],
+                "negative": ["3", 0],
+                "latent_image": ["4", 0],
+                "seed": 1,
+                "steps": 1,
+                "cfg": 1.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "denoise": 1.0,
+            },
+        },
         "6": {"class_type": "PreviewImage", "inputs": {"images": ["7", 0]}},
         "7": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
     }

@@ -81,19 +81,32 @@ def page(comfy_server, tmp_path_factory):
     from seqlora_core.targets import LayerSpec
 
     layer = "input_blocks.1.1.transformer_blocks.0.attn1.to_q"
+
     def factors() -> ConceptLayer:
         return ConceptLayer(torch.linalg.qr(torch.randn(320, 4))[0].T.contiguous(), torch.zeros(320, 4))
 
     concepts = [Concept(n, [t], 4, "seqlora", {layer: factors()}) for n, t in (("dog", "sks dog"), ("cat", "pqz cat"))]
     ConceptBank([LayerSpec(layer, "linear", 320, 320)], "ldm", "SD15", {}, concepts).save(
-        comfy_server.models / "seqlora" / "ui_bank.safetensors")
+        comfy_server.models / "seqlora" / "ui_bank.safetensors"
+    )
 
     port = free_port()
     profile = tmp_path_factory.mktemp("chromium")
-    proc = subprocess.Popen([BROWSER, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                             f"--remote-debugging-port={port}", f"--user-data-dir={profile}",
-                             "--window-size=1600,1000", "about:blank"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            BROWSER,
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            f"--remote-debugging-port={port}",
+            f"--user-data-dir={profile}",
+            "--window-size=1600,1000",
+            "about:blank",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         pages = None
         for _ in range(120):
@@ -110,14 +123,19 @@ def page(comfy_server, tmp_path_factory):
         cdp.call("Runtime.enable")
         cdp.call("Page.enable")
         cdp.call("Page.navigate", url=comfy_server.url)
-        cdp.wait_js("!!(window.app && window.app.graph && window.LiteGraph && "
-                    "LiteGraph.registered_node_types['SeqLoRATrainConcept'])", timeout=180)
+        cdp.wait_js(
+            "!!(window.app && window.app.graph && window.LiteGraph && "
+            "LiteGraph.registered_node_types['SeqLoRATrainConcept'])",
+            timeout=180,
+        )
         time.sleep(1.0)
         for _ in range(3):  # close the first-run template browser, start from an empty graph
             cdp.call("Input.dispatchKeyEvent", type="keyDown", key="Escape", code="Escape", windowsVirtualKeyCode=27)
             cdp.call("Input.dispatchKeyEvent", type="keyUp", key="Escape", code="Escape", windowsVirtualKeyCode=27)
-        cdp.js("document.querySelectorAll('.p-dialog-close-button').forEach(b => b.click()); app.graph.clear(); "
-               "app.canvas.ds.offset = [0, 0]; app.canvas.ds.scale = 1; true")
+        cdp.js(
+            "document.querySelectorAll('.p-dialog-close-button').forEach(b => b.click()); app.graph.clear(); "
+            "app.canvas.ds.offset = [0, 0]; app.canvas.ds.scale = 1; true"
+        )
         yield cdp, profile
     finally:
         proc.terminate()
@@ -189,8 +207,9 @@ def test_no_page_errors(page) -> None:
     assert Path(page[1] / "seqlora_nodes.png").is_file()
 
 
-@pytest.mark.parametrize("name", ["seqlora_train_three_concepts", "seqlora_compose_regions",
-                                  "seqlora_add_concept_to_bank"])
+@pytest.mark.parametrize(
+    "name", ["seqlora_train_three_concepts", "seqlora_compose_regions", "seqlora_add_concept_to_bank"]
+)
 def test_workflow_loads_in_the_editor_and_exports_what_the_converter_makes(page, comfy_server, name) -> None:
     from comfy_harness import REPO_ROOT, SD15_CHECKPOINT, load_workflow, ui_to_api
 

@@ -41,8 +41,25 @@ def trained(pack, tiny_loaded, comfy_models: Path):
         with torch.inference_mode():
             images, captions, _ = nodes["SeqLoRAImageFolder"]().run(name, 64)
             bank, out_model, loss = nodes[TRAIN]().run(
-                out_model, clip, vae, images, name, f"zq {name}", "seqlora", 4, 2, 1e-2, 0.05, "attn", i, 1,
-                "a photo of {trigger}", bank, captions, str(10 + i))
+                out_model,
+                clip,
+                vae,
+                images,
+                name,
+                f"zq {name}",
+                "seqlora",
+                4,
+                2,
+                1e-2,
+                0.05,
+                "attn",
+                i,
+                1,
+                "a photo of {trigger}",
+                bank,
+                captions,
+                str(10 + i),
+            )
         assert len(loss["loss"]) == 2
     return bank
 
@@ -110,12 +127,30 @@ def _train(pack, tiny_loaded, images, captions, name: str, steps: int):
     model, clip, vae = tiny_loaded
     with torch.inference_mode():
         return pack.NODE_CLASS_MAPPINGS[TRAIN]().run(
-            model, clip, vae, images, name, "zq thing", "seqlora", 4, steps, 1e-2, 0.05, "attn", 7, 1,
-            "a photo of {trigger}", None, captions, "99")
+            model,
+            clip,
+            vae,
+            images,
+            name,
+            "zq thing",
+            "seqlora",
+            4,
+            steps,
+            1e-2,
+            0.05,
+            "attn",
+            7,
+            1,
+            "a photo of {trigger}",
+            None,
+            captions,
+            "99",
+        )
 
 
 def test_training_is_deterministic_and_an_interrupted_run_resumes_to_the_same_result(
-        pack, tiny_loaded, comfy_models: Path) -> None:
+    pack, tiny_loaded, comfy_models: Path
+) -> None:
     import comfy.model_management as mm
     import comfy.utils
 
@@ -126,8 +161,7 @@ def test_training_is_deterministic_and_an_interrupted_run_resumes_to_the_same_re
 
     def factors(bank):
         c = bank.concepts[-1]
-        return torch.cat([torch.cat([c.layers[s.name].A.flatten(), c.layers[s.name].B.flatten()])
-                          for s in bank.layers])
+        return torch.cat([torch.cat([c.layers[s.name].A.flatten(), c.layers[s.name].B.flatten()]) for s in bank.layers])
 
     straight = factors(_train(pack, tiny_loaded, images, captions, "det", 8)[0])
     for p in autosave.glob("det-*.bank"):

@@ -100,8 +100,15 @@ def chain_run(comfy_server, info, concept_images):
 
 def test_nodes_are_listed_with_tooltips(info) -> None:
     ours = {k: v for k, v in info.items() if k.startswith("SeqLoRA")}
-    assert set(ours) >= {TRAIN, "SeqLoRAMultiConceptLoader", "SeqLoRALoadBank", "SeqLoRASaveBank",
-                         "SeqLoRAExportLoRA", "SeqLoRAInterferenceReport", "SeqLoRAImageFolder"}
+    assert set(ours) >= {
+        TRAIN,
+        "SeqLoRAMultiConceptLoader",
+        "SeqLoRALoadBank",
+        "SeqLoRASaveBank",
+        "SeqLoRAExportLoRA",
+        "SeqLoRAInterferenceReport",
+        "SeqLoRAImageFolder",
+    }
     for name, spec in ours.items():
         assert spec["category"] == "SeqLoRA"
         for section in ("required", "optional"):
