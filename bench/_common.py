@@ -18,11 +18,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from seqlora_core.bank import Concept, ConceptBank, ConceptLayer  # noqa: E402
-from seqlora_core.basis import random_orthonormal  # noqa: E402
-from seqlora_core.compose import compose  # noqa: E402
-from seqlora_core.stats import Sketch  # noqa: E402
-from seqlora_core.targets import find_targets  # noqa: E402
+from seqlora_core.baselines.frozen_slots import random_orthonormal  # noqa: E402
+from seqlora_core.method.bank import Concept, ConceptBank, ConceptLayer  # noqa: E402
+from seqlora_core.method.compose import compose  # noqa: E402
+from seqlora_core.method.stats import Sketch  # noqa: E402
+from seqlora_core.method.targets import find_targets  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

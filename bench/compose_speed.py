@@ -21,7 +21,7 @@ import torch
 from _common import parse_args, sd15_unet, synthetic_bank, write_result
 
 from seqlora_core import compose
-from seqlora_core.lora_io import export_concept
+from seqlora_core.interop.bank_lora import export_concept
 
 
 def _sync() -> None:

@@ -30,11 +30,12 @@ from _common import RESULTS, PeakRSS, bank_costs, parse_args, update_readme, wri
 from plots import plot_quality
 
 from seqlora_core import build_report, compose
-from seqlora_core.demo import DEMO_LR as LR
-from seqlora_core.demo import DEMO_TRAIN as TRAIN
-from seqlora_core.evaluate import EvalSettings, concept_identity, learn_toy_concept, pair_identity, sample
+from seqlora_core.apps.bases import TOY, load_base
+from seqlora_core.apps.recipes import TOY_LR as LR
+from seqlora_core.apps.recipes import TOY_TRAIN as TRAIN
+from seqlora_core.apps.recipes import learn_toy_concept
+from seqlora_core.toy.evaluation import EvalSettings, concept_identity, pair_identity, sample
 from seqlora_core.toy.identity import N_IDENTITY
-from seqlora_core.toy.model import load_toy_pipeline
 
 STEPS = 150  # per concept: fewer than the demo's, so that the full grid fits in a few CPU hours
 METHODS = ("seqlora", "lora", "sequential", "ortho_frozen", "joint", "fusion")
@@ -121,7 +122,7 @@ def run(method: str, ns: list[int], seed: int, steps: int, ev: EvalSettings, dat
     The first N concepts of a longer run are exactly a run with N concepts (same concepts, order and
     seeds), so one run serves every N.
     """
-    pipe = load_toy_pipeline()
+    pipe = load_base(TOY)
     base_images = sample(pipe, PRIOR_PROMPTS, ev)
     bank = None
     matrix: list[list[float]] = []

@@ -27,12 +27,13 @@ from _common import RESULTS, PeakRSS, bank_costs, parse_args, sd15_unet, update_
 from plots import line_chart
 
 from seqlora_core import build_report
-from seqlora_core.demo import DEMO_LR as LR
-from seqlora_core.demo import DEMO_TRAIN as TRAIN
-from seqlora_core.evaluate import EvalSettings, concept_identity, learn_toy_concept, toy_id
-from seqlora_core.methods import get_method
-from seqlora_core.targets import find_targets
-from seqlora_core.toy.model import load_toy_pipeline
+from seqlora_core.apps.bases import TOY, load_base
+from seqlora_core.apps.recipes import TOY_LR as LR
+from seqlora_core.apps.recipes import TOY_TRAIN as TRAIN
+from seqlora_core.apps.recipes import learn_toy_concept
+from seqlora_core.method.methods import get_method
+from seqlora_core.method.targets import find_targets
+from seqlora_core.toy.evaluation import EvalSettings, concept_identity, toy_id
 
 
 def snapshot(pipe, bank) -> dict:
@@ -56,7 +57,7 @@ def sd15_moment_bytes_per_concept(targets: str = "attn") -> int:
 
 
 def run(method: str, n: int, steps: int, every: int, seed: int, tmp: Path) -> dict:
-    pipe = load_toy_pipeline()
+    pipe = load_base(TOY)
     order = random.Random(seed).sample(range(n), n)
     bank, snaps, rss = None, [], []
     for t, k in enumerate(order):

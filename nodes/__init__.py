@@ -21,10 +21,10 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
 
 if in_comfyui():
-    from . import bankfiles, comfy_nodes, routes
+    from . import bankfiles, comfy_nodes, routes, training
 
     bankfiles.register_folder()
-    routes.register(comfy_nodes._server())
+    routes.register(training.server())
     NODE_CLASS_MAPPINGS.update(comfy_nodes.NODE_CLASS_MAPPINGS)
     NODE_DISPLAY_NAME_MAPPINGS.update(comfy_nodes.NODE_DISPLAY_NAME_MAPPINGS)
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import folder_paths
+
+from ..seqlora_core.method.bank import read_bank_header
 
 FOLDER = "seqlora"
 EXTENSIONS = {".safetensors"}
@@ -53,18 +54,9 @@ def autosave_dir() -> Path:
 
 
 def read_header(path: Path) -> dict[str, Any]:
-    """The bank's JSON header without reading its tensors; ValueError for a file that is not a bank."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ValueError(f"{path.name}: too short to be a safetensors file")
-        n = int.from_bytes(head, "little")
-        if n <= 0 or n > 100_000_000:
-            raise ValueError(f"{path.name}: not a safetensors file")
-        meta = json.loads(f.read(n)).get("__metadata__") or {}
-    if meta.get("format") != "seqlora-bank" or "seqlora" not in meta:
-        raise ValueError(f"{path.name} is a safetensors file but not a SeqLoRA bank")
-    return json.loads(meta["seqlora"])
+    """The bank's JSON header without reading its tensors; ValueError (BankFormatError) for a file that is
+    not a bank."""
+    return read_bank_header(path)
 
 
 def bank_summary(header: dict[str, Any]) -> dict[str, Any]:

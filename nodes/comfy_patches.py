@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from comfy.weight_adapter.lora import LoRAAdapter
 
-from ..seqlora_core.adapters import lowrank
-from ..seqlora_core.bank import ConceptBank
-from ..seqlora_core.compose import stacked_factors
-from ..seqlora_core.targets import LayerSpec
+from ..seqlora_core.method.adapters import lowrank
+from ..seqlora_core.method.bank import ConceptBank
+from ..seqlora_core.method.compose import stacked_factors
+from ..seqlora_core.method.targets import LayerSpec
 
 log = logging.getLogger("seqlora")
 PREFIX = "diffusion_model."

@@ -83,11 +83,11 @@ class NodeSpec:
 def _static_choices(key: str) -> tuple[str, ...]:
     """Choices that do not depend on ComfyUI (methods and target presets come from the core)."""
     if key == "methods":
-        from ..seqlora_core.methods import METHODS
+        from ..seqlora_core.method.methods import METHODS
 
         return tuple(METHODS)
     if key == "presets":
-        from ..seqlora_core.targets import PRESETS
+        from ..seqlora_core.method.targets import PRESETS
 
         return tuple(PRESETS)
     raise KeyError(key)
@@ -382,35 +382,3 @@ REPORT = NodeSpec(
 
 NODES: tuple[NodeSpec, ...] = (TRAIN, IMAGE_FOLDER, LOADER, LOAD_BANK, SAVE_BANK, EXPORT, REPORT)
 BY_ID: dict[str, NodeSpec] = {n.node_id: n for n in NODES}
-
-
-def parse_concepts(text: str) -> list[tuple[str, float, bool]]:
-    """Parse the loader's ``concepts`` field: 'name:strength, !off:0.5, plain' -> [(name, s, enabled)].
-
-    A missing strength is 1.0; '!' marks a concept listed but switched off. Raises ValueError on a bad
-    strength or an empty name.
-    """
-    out: list[tuple[str, float, bool]] = []
-    for raw in text.replace("\n", ",").split(","):
-        item = raw.strip()
-        if not item:
-            continue
-        enabled = not item.startswith("!")
-        item = item.lstrip("!").strip()
-        name, sep, strength = item.rpartition(":")
-        if not sep:
-            name, strength = item, "1"
-        name = name.strip()
-        if not name:
-            raise ValueError(f"concepts: empty concept name in {raw.strip()!r}; write 'name:strength'")
-        try:
-            value = float(strength)
-        except ValueError:
-            raise ValueError(f"concepts: strength {strength.strip()!r} of {name!r} is not a number") from None
-        out.append((name, value, enabled))
-    return out
-
-
-def format_concepts(items: list[tuple[str, float, bool]]) -> str:
-    """Inverse of :func:`parse_concepts`."""
-    return ", ".join(f"{'' if on else '!'}{name}:{s:g}" for name, s, on in items)

@@ -1,11 +1,15 @@
 """SeqLoRA: learn concepts one after another as LoRAs with learned orthogonal bases; compose by summation.
 
-The method lives here and never imports ComfyUI. Main entry points:
-``train_concept`` (one concept into a bank), ``ConceptBank`` (load/save), ``compose`` (merged or bypass),
-``build_report`` (interference, forgetting bound, capacity).
+Main entry points: ``train_concept`` (one concept into a bank), ``ConceptBank`` (load/save), ``compose``
+(merged or bypass), ``build_report`` (interference, forgetting bound, capacity).
+
+Layers, each importing only the ones before it (``docs/architecture.md``): ``files`` -> ``method`` and
+``baselines`` -> ``interop`` -> ``data`` -> ``backends`` -> ``toy`` -> ``apps``. Importing this package
+needs torch, safetensors and Pillow only (never diffusers, transformers or ComfyUI).
 """
 
-from .bank import (
+from .apps.heatmap import write_heatmap_png
+from .method.bank import (
     BankError,
     BankFormatError,
     BankMismatchError,
@@ -15,11 +19,11 @@ from .bank import (
     ConceptLayer,
     DuplicateConceptError,
 )
-from .compose import Composition, compose
-from .methods import METHODS, get_method
-from .report import build_report, write_heatmap_png
-from .targets import PRESETS, LayerSpec, find_targets
-from .trainer import StepInfo, TrainCallbacks, TrainConfig, TrainingCancelled, train_concept
+from .method.compose import Composition, compose
+from .method.methods import METHODS, get_method
+from .method.report import build_report
+from .method.targets import PRESETS, LayerSpec, find_targets
+from .method.trainer import StepInfo, TrainCallbacks, TrainConfig, TrainingCancelled, train_concept
 
 __all__ = [
     "METHODS",

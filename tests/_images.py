@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 
 def noise_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
@@ -29,3 +29,15 @@ def concept_folder(root: Path, sizes: list[tuple[int, int]], captions: list[str 
     for i, ((w, h), cap) in enumerate(zip(sizes, captions, strict=True)):
         save(noise_image(w, h, seed=i), root / f"img{i}.png", cap)
     return root
+
+
+def make_images(folder: Path, seed: int, n: int = 4) -> Path:
+    """A few small coloured-shape images of one 'concept' (sizes vary, one caption file)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        im = Image.new("RGB", (64 + 8 * i, 64), (40 * seed % 255, 90 + 10 * i, 200 - 30 * seed))
+        d = ImageDraw.Draw(im)
+        d.ellipse([8 + 3 * i, 8, 40 + 4 * seed, 44], fill=(250, 60 * seed % 255, 20))
+        im.save(folder / f"{i}.png")
+    (folder / "0.txt").write_text("a photo of the thing on a table")
+    return folder

@@ -3,26 +3,14 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from _images import make_images
+from PIL import Image
 from safetensors import safe_open
 
-from seqlora_core.cli import main, parse_selection
-
-
-def make_images(folder: Path, seed: int, n: int = 4) -> Path:
-    """A few small coloured-shape images of one 'concept' (sizes vary, one caption file)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        im = Image.new("RGB", (64 + 8 * i, 64), (40 * seed % 255, 90 + 10 * i, 200 - 30 * seed))
-        d = ImageDraw.Draw(im)
-        d.ellipse([8 + 3 * i, 8, 40 + 4 * seed, 44], fill=(250, 60 * seed % 255, 20))
-        im.save(folder / f"{i}.png")
-    (folder / "0.txt").write_text("a photo of the thing on a table")
-    return folder
+from seqlora_core.apps.cli import main, parse_selection
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +154,7 @@ def test_parse_selection():
 
 
 def test_interrupted_training_resumes_to_the_same_bank(tmp_path, monkeypatch):
-    import seqlora_core.diffusers_backend as backend
+    import seqlora_core.backends.diffusers_backend as backend
     from seqlora_core import ConceptBank
 
     images = make_images(tmp_path / "c", 3)

@@ -10,12 +10,8 @@ import torch
 from _images import concept_folder, noise_image, save
 from PIL import Image
 
-from seqlora_core.dataset import (
-    ConceptDataset,
-    bucket_size,
-    make_caption,
-    make_prior_caption,
-)
+from seqlora_core.data.captions import make_caption, make_prior_caption
+from seqlora_core.data.dataset import ConceptDataset, bucket_size
 
 
 def test_mixed_sizes_and_modes_become_rgb_in_range(tmp_path):

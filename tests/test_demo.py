@@ -7,7 +7,7 @@ import json
 from PIL import Image
 
 from seqlora_core import ConceptBank
-from seqlora_core.cli import main
+from seqlora_core.apps.cli import main
 
 
 def test_demo_writes_grid_heatmap_summary_and_bank(tmp_path):

@@ -12,14 +12,15 @@ import torch
 from _images import concept_folder
 from safetensors.torch import save_file
 
-from seqlora_core.dataset import ConceptDataset
-from seqlora_core.diffusers_backend import (
+from seqlora_core.apps.bases import load_base
+from seqlora_core.backends.diffusers_backend import (
     DiffusersConceptData,
     diffusion_loss,
     generate,
     load_pipeline,
 )
-from seqlora_core.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline, load_clip_tokenizer
+from seqlora_core.backends.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline, load_clip_tokenizer
+from seqlora_core.data.dataset import ConceptDataset
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +190,7 @@ def test_load_pipeline_round_trips_a_saved_folder(sd_v, dataset, tmp_path):
     b = DiffusersConceptData(loaded, dataset, batch_size=2).batches(2)
     assert torch.equal(a["latents"], b["latents"])
     assert diffusion_loss(sd_v.unet, a).item() == diffusion_loss(loaded.unet, b).item()
-    assert type(load_pipeline("tiny")).__name__ == "StableDiffusionPipeline"
+    assert type(load_base("tiny")).__name__ == "StableDiffusionPipeline"
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         half = load_pipeline(tmp_path / "tiny_v", dtype=torch.bfloat16)

@@ -15,7 +15,7 @@ from seqlora_core import (
     find_targets,
     train_concept,
 )
-from seqlora_core.adapters import AdapterLayer
+from seqlora_core.method.adapters import AdapterLayer
 from tests._unet import ToyConcept, denoise_loss, tiny_unet
 
 

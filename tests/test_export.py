@@ -13,7 +13,7 @@ from _tiny_sd import tiny_pipeline, tiny_unet
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from seqlora_core import export, naming
+from seqlora_core.interop import lora_read, lora_write, naming
 
 torch.set_num_threads(1)
 RANK = 4
@@ -100,7 +100,7 @@ def test_kohya_fp32_loads_in_diffusers_like_hand_merge(tmp_path, unet, fk):
     assert any(kernels.values()), "the tiny UNet should have conv proj_in layers"
 
     def save(p):
-        return export.save_kohya(p, factors, kernels, ["sks dog"], "dog", dtype="fp32")
+        return lora_write.save_kohya(p, factors, kernels, ["sks dog"], "dog", dtype="fp32")
 
     _assert_loads_like_hand_merge(tmp_path, save, factors, "kohya fp32")
 
@@ -111,7 +111,7 @@ def test_kohya_ldm_names_load_in_diffusers_like_hand_merge(tmp_path, unet, fk):
     ldm_factors, ldm_kernels = naming.rename(factors, d2l), naming.rename(kernels, d2l)
 
     def save(p):
-        return export.save_kohya(p, ldm_factors, ldm_kernels, ["sks dog"], "dog", dtype="fp32")
+        return lora_write.save_kohya(p, ldm_factors, ldm_kernels, ["sks dog"], "dog", dtype="fp32")
 
     _assert_loads_like_hand_merge(tmp_path, save, factors, "kohya LDM names fp32", sgm=True)
 
@@ -120,14 +120,14 @@ def test_peft_fp32_loads_in_diffusers_like_hand_merge(tmp_path, unet, fk):
     factors, kernels = fk
 
     def save(p):
-        return export.save_peft(p, factors, kernels, ["sks dog"], "dog", dtype="fp32")
+        return lora_write.save_peft(p, factors, kernels, ["sks dog"], "dog", dtype="fp32")
 
     _assert_loads_like_hand_merge(tmp_path, save, factors, "peft fp32")
 
 
 def test_kohya_keys_shapes_and_alpha(unet, fk):
     factors, kernels = fk
-    sd = export.kohya_state_dict(factors, kernels)
+    sd = lora_write.kohya_state_dict(factors, kernels)
     name = "down_blocks.0.attentions.0.proj_in"
     key = naming.to_kohya_name(name)
     assert key == "lora_unet_down_blocks_0_attentions_0_proj_in"
@@ -142,22 +142,22 @@ def test_kohya_keys_shapes_and_alpha(unet, fk):
 def test_conv3x3_layout_and_roundtrip(tmp_path):
     g = torch.Generator().manual_seed(1)
     a, b = torch.randn(2, 8 * 9, generator=g), torch.randn(5, 2, generator=g)
-    sd = export.kohya_state_dict({"conv_in": (a, b)}, {"conv_in": (3, 3)})
+    sd = lora_write.kohya_state_dict({"conv_in": (a, b)}, {"conv_in": (3, 3)})
     assert sd["lora_unet_conv_in.lora_down.weight"].shape == (2, 8, 3, 3)
     assert sd["lora_unet_conv_in.lora_up.weight"].shape == (5, 2, 1, 1)
-    path = export.save_kohya(
+    path = lora_write.save_kohya(
         tmp_path / "c.safetensors", {"conv_in": (a, b)}, {"conv_in": (3, 3)}, [], "c", dtype="fp32"
     )
-    got, _, _ = export.read_lora_file(path, name_map=naming.SD1)
+    got, _, _ = lora_read.read_lora_file(path, name_map=naming.SD1)
     assert torch.equal(got["conv_in"][0], a) and torch.equal(got["conv_in"][1], b)
     with pytest.raises(ValueError, match="in_channels"):
-        export.kohya_state_dict({"conv_in": (torch.randn(2, 10), b)}, {"conv_in": (3, 3)})
+        lora_write.kohya_state_dict({"conv_in": (torch.randn(2, 10), b)}, {"conv_in": (3, 3)})
 
 
 def test_metadata_carries_triggers_and_seqlora_fields(tmp_path, fk):
     factors, kernels = fk
     extra = {"seqlora_rank": "4", "seqlora_concept_token": "sks", "seqlora_bank_id": "b1"}
-    path = export.save_kohya(
+    path = lora_write.save_kohya(
         tmp_path / "dog.safetensors",
         factors,
         kernels,
@@ -180,14 +180,14 @@ def test_metadata_carries_triggers_and_seqlora_fields(tmp_path, fk):
     assert meta["modelspec.sai_model_spec"] == "1.0.0"
     assert meta["ss_num_train_images"] == "5"
     assert {k: meta[k] for k in extra} == extra
-    _, meta2, triggers = export.read_lora_file(path)
+    _, meta2, triggers = lora_read.read_lora_file(path)
     assert triggers == ["sks dog", "sks"] and meta2 == meta
-    sdxl = export.lora_metadata(factors, ["t"], "x", "sdxl_base_v1-0")
+    sdxl = lora_write.lora_metadata(factors, ["t"], "x", "sdxl_base_v1-0")
     assert sdxl["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
     with pytest.raises(ValueError, match="base_model_version"):
-        export.lora_metadata(factors, ["t"], "x", "sd_v9")
+        lora_write.lora_metadata(factors, ["t"], "x", "sd_v9")
     with pytest.raises(TypeError):
-        export.lora_metadata(factors, ["t"], "x", "sd_v1", {"seqlora_rank": 4})
+        lora_write.lora_metadata(factors, ["t"], "x", "sd_v1", {"seqlora_rank": 4})
 
 
 @pytest.mark.parametrize(("fmt", "file_naming"), [("kohya", "diffusers"), ("kohya", "ldm"), ("peft", "diffusers")])
@@ -199,16 +199,16 @@ def test_read_roundtrips_exactly(tmp_path, unet, fk, fmt, file_naming, want):
         factors_f, kernels_f = naming.rename(factors, d2l), naming.rename(kernels, d2l)
     else:
         factors_f, kernels_f = factors, kernels
-    save = export.save_kohya if fmt == "kohya" else export.save_peft
+    save = lora_write.save_kohya if fmt == "kohya" else lora_write.save_peft
     path = save(tmp_path / "x.safetensors", factors_f, kernels_f, ["sks"], "x", dtype="fp32")
-    got, _, triggers = export.read_lora_file(path, want, name_map=unet)
+    got, _, triggers = lora_read.read_lora_file(path, want, name_map=unet)
     expect = factors if want == "diffusers" else naming.rename(factors, d2l)
     assert triggers == ["sks"]
     assert got.keys() == expect.keys()
     for name, (a, b) in expect.items():
         assert torch.equal(got[name][0], a) and torch.equal(got[name][1], b), name
     # without a name map the SD1 preset is guessed; the tiny UNet's attention names agree with it
-    guessed, _, _ = export.read_lora_file(path, want)
+    guessed, _, _ = lora_read.read_lora_file(path, want)
     assert guessed.keys() == expect.keys()
 
 
@@ -221,7 +221,7 @@ def test_comfy_trainer_format_folds_alpha(tmp_path, fk):
         sd[f"{key}.lora_down.weight"], sd[f"{key}.lora_up.weight"] = a, b
         sd[f"{key}.alpha"] = torch.tensor(2.0 * RANK)  # scale alpha / r = 2
     save_file(sd, str(tmp_path / "comfy.safetensors"))
-    got, _, _ = export.read_lora_file(tmp_path / "comfy.safetensors", "diffusers")
+    got, _, _ = lora_read.read_lora_file(tmp_path / "comfy.safetensors", "diffusers")
     for name, (a, b) in list(factors.items())[:3]:
         assert torch.allclose(got[name][1] @ got[name][0], 2 * (b @ a), atol=1e-6)
 
@@ -235,7 +235,7 @@ def test_peft_default_suffix_and_adapter_alpha(tmp_path, fk):
         sd[f"unet.{name}.lora_A.default.weight"], sd[f"unet.{name}.lora_B.default.weight"] = a, b
     cfg = {"unet.r": RANK, "unet.lora_alpha": 8, "unet.alpha_pattern": {names[1]: 2}}
     save_file(sd, str(tmp_path / "p.safetensors"), metadata={"lora_adapter_metadata": json.dumps(cfg)})
-    got, _, _ = export.read_lora_file(tmp_path / "p.safetensors", "ldm")
+    got, _, _ = lora_read.read_lora_file(tmp_path / "p.safetensors", "ldm")
     d2l = naming.diffusers_to_ldm_map(naming.SD1)
     for name, scale in zip(names, (8 / RANK, 2 / RANK), strict=True):
         a, b = factors[name]
@@ -244,27 +244,27 @@ def test_peft_default_suffix_and_adapter_alpha(tmp_path, fk):
 
 def test_text_encoder_keys_ignored_with_warning(tmp_path, fk):
     factors, kernels = fk
-    sd = export.kohya_state_dict(factors, kernels)
+    sd = lora_write.kohya_state_dict(factors, kernels)
     sd["lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight"] = torch.zeros(RANK, 32)
     sd["lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight"] = torch.zeros(32, RANK)
     sd["lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha"] = torch.tensor(4.0)
     sd["lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"] = torch.zeros(RANK, 32)
     save_file(sd, str(tmp_path / "te.safetensors"))
     with pytest.warns(UserWarning, match="2 text-encoder LoRA modules ignored"):
-        got, _, _ = export.read_lora_file(tmp_path / "te.safetensors")
+        got, _, _ = lora_read.read_lora_file(tmp_path / "te.safetensors")
     assert len(got) == len(factors)
 
 
 def test_refuses_pickle_and_unknown_keys(tmp_path):
     with pytest.raises(ValueError, match=r"model\.ckpt.*convert it to \.safetensors"):
-        export.read_lora_file(tmp_path / "model.ckpt")
+        lora_read.read_lora_file(tmp_path / "model.ckpt")
     unknown = {"foo.bar.weight": torch.zeros(2, 2), "hada_w1_a": torch.zeros(2)}
     save_file(unknown, str(tmp_path / "u.safetensors"))
     with pytest.raises(ValueError, match=r"u\.safetensors: no usable UNet LoRA keys.*foo\.bar\.weight"):
-        export.read_lora_file(tmp_path / "u.safetensors")
+        lora_read.read_lora_file(tmp_path / "u.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="junk.safetensors"):
-        export.read_lora_file(tmp_path / "junk.safetensors")
+        lora_read.read_lora_file(tmp_path / "junk.safetensors")
     save_file(
         {"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(1, 2)},
         str(tmp_path / "te.safetensors"),
@@ -272,25 +272,25 @@ def test_refuses_pickle_and_unknown_keys(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(ValueError, match="only text-encoder keys"):
-            export.read_lora_file(tmp_path / "te.safetensors")
+            lora_read.read_lora_file(tmp_path / "te.safetensors")
 
 
 def test_incomplete_pair_is_an_error(tmp_path, fk):
     factors, kernels = fk
-    sd = export.kohya_state_dict(factors, kernels)
+    sd = lora_write.kohya_state_dict(factors, kernels)
     sd.pop(next(k for k in sd if k.endswith("lora_up.weight")))
     save_file(sd, str(tmp_path / "half.safetensors"))
     with pytest.raises(ValueError, match="lacks its lora_down or lora_up"):
-        export.read_lora_file(tmp_path / "half.safetensors")
+        lora_read.read_lora_file(tmp_path / "half.safetensors")
 
 
 @pytest.mark.parametrize(("dtype", "tol"), [("fp16", 1e-3), ("bf16", 8e-3)])
 def test_half_precision_save_within_tolerance(tmp_path, fk, dtype, tol):
     factors, kernels = fk
-    path = export.save_kohya(tmp_path / "h.safetensors", factors, kernels, ["sks"], "h", dtype=dtype)
+    path = lora_write.save_kohya(tmp_path / "h.safetensors", factors, kernels, ["sks"], "h", dtype=dtype)
     with safe_open(str(path), "pt") as f:
-        assert all(f.get_tensor(k).dtype == export.resolve_dtype(dtype) for k in f.keys())  # noqa: SIM118
-    got, _, _ = export.read_lora_file(path)
+        assert all(f.get_tensor(k).dtype == lora_write.resolve_dtype(dtype) for k in f.keys())  # noqa: SIM118
+    got, _, _ = lora_read.read_lora_file(path)
     worst = 0.0
     for name, (a, b) in factors.items():
         dw = b @ a
@@ -304,8 +304,8 @@ def test_half_precision_keeps_tiny_up_weights(tmp_path):
     g = torch.Generator().manual_seed(2)
     q, _ = torch.linalg.qr(torch.randn(64, RANK, generator=g))
     a, b = q.T.contiguous(), 1e-6 * torch.randn(64, RANK, generator=g)
-    path = export.save_kohya(tmp_path / "t.safetensors", {"conv_in": (a, b)}, None, [], "t")
-    got, _, _ = export.read_lora_file(path, name_map=naming.SD1)
+    path = lora_write.save_kohya(tmp_path / "t.safetensors", {"conv_in": (a, b)}, None, [], "t")
+    got, _, _ = lora_read.read_lora_file(path, name_map=naming.SD1)
     rel = ((got["conv_in"][1] @ got["conv_in"][0] - b @ a).norm() / (b @ a).norm()).item()
     assert rel < 1e-3, f"fp16 relative dW error {rel:.2e}"
 
@@ -313,17 +313,17 @@ def test_half_precision_keeps_tiny_up_weights(tmp_path):
 def test_atomic_write_leaves_no_temp_and_overwrites(tmp_path, fk):
     factors, kernels = fk
     p = tmp_path / "c.safetensors"
-    export.save_kohya(p, factors, kernels, ["a"], "first")
-    export.save_kohya(p, factors, kernels, ["b"], "second")
+    lora_write.save_kohya(p, factors, kernels, ["a"], "first")
+    lora_write.save_kohya(p, factors, kernels, ["b"], "second")
     assert [x.name for x in tmp_path.iterdir()] == ["c.safetensors"]
-    assert export.read_lora_file(p)[2] == ["b"]
+    assert lora_read.read_lora_file(p)[2] == ["b"]
     with pytest.raises(ValueError, match=r"\.safetensors"):
-        export.save_kohya(tmp_path / "c.pt", factors, kernels, ["a"], "x")
+        lora_write.save_kohya(tmp_path / "c.pt", factors, kernels, ["a"], "x")
 
 
 def test_unsupported_adapters_and_diffs_are_skipped_with_warnings(tmp_path, fk):
     factors, kernels = fk
-    sd = export.kohya_state_dict(factors, kernels)
+    sd = lora_write.kohya_state_dict(factors, kernels)
     names = list(factors)
     sd[f"{naming.to_kohya_name(names[0])}.dora_scale"] = torch.ones(1, 32)
     sd[f"{naming.to_kohya_name(names[1])}.lora_mid.weight"] = torch.ones(RANK, RANK, 3, 3)
@@ -331,7 +331,7 @@ def test_unsupported_adapters_and_diffs_are_skipped_with_warnings(tmp_path, fk):
     sd["diffusion_model.input_blocks.1.1.norm.diff_b"] = torch.zeros(32)
     save_file(sd, str(tmp_path / "mixed.safetensors"))
     with pytest.warns(UserWarning) as record:
-        got, _, _ = export.read_lora_file(tmp_path / "mixed.safetensors", name_map=naming.SD1)
+        got, _, _ = lora_read.read_lora_file(tmp_path / "mixed.safetensors", name_map=naming.SD1)
     text = " ".join(str(w.message) for w in record)
     assert "2 modules with Tucker (lora_mid) or DoRA" in text and "2 full-weight diff/diff_b" in text
     assert set(got) == set(names[2:])
@@ -339,16 +339,16 @@ def test_unsupported_adapters_and_diffs_are_skipped_with_warnings(tmp_path, fk):
 
 def test_module_names_resolve_a_non_unet_model(tmp_path):
     a, b = torch.eye(2, 6), torch.randn(3, 2)
-    path = export.save_kohya(
+    path = lora_write.save_kohya(
         tmp_path / "toy.safetensors", {"blocks.0.mlp_in": (a, b)}, None, ["t"], "toy", dtype="fp32"
     )
-    got, _, _ = export.read_lora_file(path, module_names=["blocks.0.mlp_in", "blocks.0.mlp_out"])
+    got, _, _ = lora_read.read_lora_file(path, module_names=["blocks.0.mlp_in", "blocks.0.mlp_out"])
     assert torch.equal(got["blocks.0.mlp_in"][1] @ got["blocks.0.mlp_in"][0], b @ a)
     with pytest.raises(ValueError, match="no usable UNet LoRA keys"):
-        export.read_lora_file(path)
+        lora_read.read_lora_file(path)
 
 
 def test_written_file_is_world_readable(tmp_path, fk):
     factors, kernels = fk
-    p = export.save_kohya(tmp_path / "m.safetensors", factors, kernels, ["a"], "m")
+    p = lora_write.save_kohya(tmp_path / "m.safetensors", factors, kernels, ["a"], "m")
     assert p.stat().st_mode & 0o777 == 0o644

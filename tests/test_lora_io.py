@@ -6,21 +6,21 @@ import copy
 
 import pytest
 import torch
+from _images import make_images
 from safetensors import safe_open
 
 from seqlora_core import TrainConfig, compose, train_concept
-from seqlora_core.diffusers_backend import DiffusersConceptData, diffusion_loss
-from seqlora_core.export import read_lora_file
-from seqlora_core.lora_io import export_concept, import_lora
-from seqlora_core.naming import diffusers_to_ldm_map
-from seqlora_core.tiny import build_tiny_pipeline
-from tests.test_cli import make_images
+from seqlora_core.backends.diffusers_backend import DiffusersConceptData, diffusion_loss
+from seqlora_core.backends.tiny import build_tiny_pipeline
+from seqlora_core.interop.bank_lora import export_concept, import_lora
+from seqlora_core.interop.lora_read import read_lora_file
+from seqlora_core.interop.naming import diffusers_to_ldm_map
 
 TOL = 1e-5  # max |diffusers-loaded - our merged| UNet output, fp32 files
 
 
 def _concept_data(pipe, folder, trigger):
-    from seqlora_core.dataset import ConceptDataset
+    from seqlora_core.data.dataset import ConceptDataset
 
     return DiffusersConceptData(pipe, ConceptDataset.from_folder(folder, trigger, resolution=64))
 
@@ -127,7 +127,7 @@ def test_imported_lora_is_frozen_and_later_concepts_avoid_it(trained, tmp_path):
 
 def test_import_rejects_a_lora_for_another_model(trained, tmp_path):
     _, bank, _ = trained
-    from seqlora_core.export import save_kohya
+    from seqlora_core.interop.lora_write import save_kohya
 
     name = bank.layers[0].name
     bad = {name: (torch.zeros(4, 7), torch.zeros(5, 4))}

@@ -9,7 +9,7 @@ import pytest
 import torch
 from _tiny_sd import SD15_CONFIG, SDXL_CONFIG, UNET_CONFIG, tiny_unet
 
-from seqlora_core import naming
+from seqlora_core.interop import naming
 
 torch.set_num_threads(1)
 

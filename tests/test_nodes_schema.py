@@ -141,18 +141,3 @@ def test_workflow_widgets_match_the_schema(schema, path: Path) -> None:
         if nodes[src]["type"] in schema.BY_ID:
             assert schema.BY_ID[nodes[src]["type"]].outputs[slot].type == typ, f"{path.name} link {link[0]}"
     assert "v1-5-pruned-emaonly.safetensors" in json.dumps(wf)
-
-
-def test_parse_concepts(schema) -> None:
-    assert schema.parse_concepts("") == []
-    assert schema.parse_concepts("dog:0.5, !cat:1.2,hat") == [
-        ("dog", 0.5, True),
-        ("cat", 1.2, False),
-        ("hat", 1.0, True),
-    ]
-    items = schema.parse_concepts("a:1, !b:0.25")
-    assert schema.parse_concepts(schema.format_concepts(items)) == items
-    with pytest.raises(ValueError, match="not a number"):
-        schema.parse_concepts("dog:strong")
-    with pytest.raises(ValueError, match="empty concept name"):
-        schema.parse_concepts(":0.5")

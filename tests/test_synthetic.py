@@ -1,4 +1,4 @@
-"""METHOD.md section 5's linear-layer world: a learned basis beats a frozen one; bilevel beats joint on B.
+"""The linear-layer world of docs/method.md: a learned basis beats a frozen one; bilevel beats joint on B.
 
 The measured numbers are printed (run with ``-s``) so they can be quoted.
 """
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from seqlora_core import TrainConfig, build_report, train_concept
-from seqlora_core.synthetic import LinearWorld
+from seqlora_core.toy.linear_world import LinearWorld
 
 
 def run(world: LinearWorld, method: str, steps: int = 200, budget: float = 0.05) -> dict:

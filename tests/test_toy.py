@@ -121,7 +121,8 @@ def test_identity_classifier_validated():
 
 
 def test_toy_prior_is_the_base_worlds_own_scenes(pipe, tmp_path):
-    from seqlora_core.evaluate import learn_toy_concept, toy_prior_data
+    from seqlora_core.apps.recipes import learn_toy_concept
+    from seqlora_core.toy.evaluation import toy_prior_data
 
     data = toy_prior_data(pipe, n=8)
     batch = data.batches(0)

@@ -1,19 +1,20 @@
 """The ComfyUI frontend extension (web/seqlora.js), run under Node with stub ComfyUI modules.
 
 Checks the syntax, that it registers one extension even when the file is served twice, and that its
-'name:strength' parsing agrees with the Python loader's (nodes/schema.py). Skipped without `node`.
+'name:strength' parsing agrees with the selection grammar every Python front end reads
+(seqlora_core/method/selection.py). Skipped without `node`.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from seqlora_core.method.selection import parse_selection
 
 ROOT = Path(__file__).resolve().parents[1]
 JS = ROOT / "web" / "seqlora.js"
@@ -51,14 +52,6 @@ API_STUB = (
 )
 
 
-def _load_schema():
-    spec = importlib.util.spec_from_file_location("_seqlora_schema_for_js", ROOT / "nodes" / "schema.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_syntax() -> None:
     subprocess.run([NODE, "--check", str(JS)], check=True, capture_output=True, text=True)
 
@@ -78,12 +71,11 @@ def test_registers_once_and_parses_like_python(tmp_path: Path) -> None:
     assert out["registered"] == ["SeqLoRA.UI"]
     assert {"setup", "beforeRegisterNodeDef"} <= set(out["hooks"][0])
 
-    schema = _load_schema()
     for case, js in zip(CASES, out["parsed"], strict=True):
-        py = [[n, s, on] for n, s, on in schema.parse_concepts(case)]
+        py = [[n, s, on] for n, s, on in parse_selection(case)]
         assert js == py, case
     for case, js in zip(CASES, out["roundtrip"], strict=True):
-        assert schema.parse_concepts(js) == schema.parse_concepts(case)
+        assert parse_selection(js) == parse_selection(case)
 
     assert out["merged"] == [
         {"name": "dog", "triggers": ["sks dog"], "strength": 0.5, "enabled": True},

@@ -1,4 +1,6 @@
-"""The toy world: a tiny pretrained text-to-image base, new concepts for it, and an identity metric.
+"""The toy world: a tiny pretrained text-to-image base, new concepts for it, an identity metric, and the
+protocol that evaluates banks with it (:mod:`.evaluation`). :mod:`.linear_world` is a second, linear
+world where interference is exact.
 
 Light imports (numpy, PIL) at package level; the diffusers model loads on first use:
 
@@ -30,7 +32,7 @@ _LAZY = {
     "identity_accuracy": "identity",
     "load_identity_classifier": "identity",
     "N_IDENTITY": "identity",
-    "identity_report": "identity",
+    "identity_report": "evaluation",
     "concept_id_of": "identity",
 }
 

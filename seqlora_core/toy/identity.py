@@ -239,6 +239,14 @@ def train_identity(
     return metrics
 
 
+def concept_id_of(trigger: str) -> int | None:
+    """The concept id of a reserved trigger word (``zqab`` -> 1), or None for any other word."""
+    from .concepts import trigger_words
+
+    words = trigger_words()
+    return words.index(trigger) if trigger in words else None
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", type=Path, default=WEIGHTS_DIR)
@@ -251,50 +259,3 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
-
-
-def concept_id_of(trigger: str) -> int | None:
-    """The concept id of a reserved trigger word (``zqab`` -> 1), or None for any other word."""
-    from .concepts import trigger_words
-
-    words = trigger_words()
-    return words.index(trigger) if trigger in words else None
-
-
-@torch.no_grad()
-def identity_report(pipe, bank, n: int = 8, steps: int = 20, guidance: float = 5.0, seed: int = 0) -> dict:
-    """Identity of every toy concept in a bank: alone, with all concepts composed, and on the base.
-
-    A concept is scored when one of its trigger words is a reserved toy trigger with an id the
-    classifier knows; images come from the prompt ``a photo of <trigger>``.
-    """
-    from ..compose import compose
-
-    def score(selection: dict[str, float], trigger: str, cid: int) -> dict[str, float]:
-        gens = [torch.Generator().manual_seed(seed + i) for i in range(n)]
-        with compose(pipe.unet, bank, selection, mode="bypass"):
-            images = pipe(
-                [f"a photo of {trigger}"] * n,
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                generator=gens,
-                output_type="pt",
-            ).images
-        return {"accuracy": identity_accuracy(images, cid), "mean_prob": float(identity_scores(images, cid).mean())}
-
-    everyone = {c.name: 1.0 for c in bank.concepts}
-    report: dict[str, dict] = {}
-    for c in bank.concepts:
-        ids = [(t, concept_id_of(t)) for t in c.triggers]
-        ids = [(t, i) for t, i in ids if i is not None and i < N_IDENTITY]
-        if not ids:
-            continue
-        trigger, cid = ids[0]
-        report[c.name] = {
-            "trigger": trigger,
-            "concept_id": cid,
-            "base": score({}, trigger, cid),
-            "alone": score({c.name: 1.0}, trigger, cid),
-            "all": score(everyone, trigger, cid),
-        }
-    return report

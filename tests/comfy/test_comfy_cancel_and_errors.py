@@ -101,7 +101,7 @@ def test_requeue_resumes_and_finishes(comfy_server, resumed) -> None:
     steps = resumed["steps2"]
     assert steps and min(steps) > 1 and max(steps) == 200, f"resumed run reported steps {steps}"
     assert min(steps) >= resumed["cut"], "the resumed run starts where the cancelled one stopped"
-    from seqlora_core.bank import ConceptBank
+    from seqlora_core.method.bank import ConceptBank
 
     bank = ConceptBank.load(comfy_server.models / "seqlora" / "resumed.safetensors")
     assert bank.names() == ["cancel_me"] and len(bank.concepts[0].loss_curve) == 200
@@ -139,8 +139,8 @@ def test_rank_out_of_range_is_refused_at_queue_time(comfy_server, rank) -> None:
 
 
 def _foreign_bank(path: Path, architecture: str, layer: str) -> None:
-    from seqlora_core.bank import Concept, ConceptBank, ConceptLayer
-    from seqlora_core.targets import LayerSpec
+    from seqlora_core.method.bank import Concept, ConceptBank, ConceptLayer
+    from seqlora_core.method.targets import LayerSpec
 
     spec = LayerSpec(layer, "linear", 320, 320)
     cl = ConceptLayer(torch.linalg.qr(torch.randn(320, 4))[0].T.contiguous(), torch.randn(320, 4) * 0.01)

@@ -77,8 +77,8 @@ class CDP:
 
 @pytest.fixture(scope="module")
 def page(comfy_server, tmp_path_factory):
-    from seqlora_core.bank import Concept, ConceptBank, ConceptLayer
-    from seqlora_core.targets import LayerSpec
+    from seqlora_core.method.bank import Concept, ConceptBank, ConceptLayer
+    from seqlora_core.method.targets import LayerSpec
 
     layer = "input_blocks.1.1.transformer_blocks.0.attn1.to_q"
 

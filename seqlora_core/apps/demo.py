@@ -14,18 +14,14 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from .evaluate import EvalSettings, concept_identity, learn_toy_concept, pair_identity
-from .report import build_report, write_heatmap_png
-from .toy.concepts import trigger_word
-from .toy.model import load_toy_pipeline
-from .trainer import TrainCallbacks
-
-DEMO_STEPS = 250
-DEMO_LR = 1e-2
-DEMO_IMAGES = 8
-# Attention and feed-forward of every transformer block: a rank-4 LoRA on attention alone learns a toy
-# glyph only partly (its colours, rarely its pattern); with the feed-forward layers it learns both.
-DEMO_TRAIN = {"targets": "attn_ff", "rank": 4}
+from ..method.compose import compose
+from ..method.report import build_report
+from ..method.trainer import TrainCallbacks
+from ..toy.concepts import trigger_word
+from ..toy.evaluation import EvalSettings, concept_identity, pair_identity, sample
+from .bases import TOY, load_base
+from .heatmap import write_heatmap_png
+from .recipes import TOY_IMAGES, TOY_LR, TOY_STEPS, TOY_TRAIN, learn_toy_concept
 
 
 def _train_one(pipe, bank, k: int, out: Path, steps: int, seed: int, quiet: bool):
@@ -42,11 +38,11 @@ def _train_one(pipe, bank, k: int, out: Path, steps: int, seed: int, quiet: bool
         k,
         out / "concepts" / trigger,
         steps=steps,
-        lr=DEMO_LR,
+        lr=TOY_LR,
         seed=seed,
-        images=DEMO_IMAGES,
+        images=TOY_IMAGES,
         callbacks=TrainCallbacks(on_step=on_step),
-        **DEMO_TRAIN,
+        **TOY_TRAIN,
     )
     bar.close()
     return bank
@@ -72,9 +68,9 @@ def run_demo(out: Path, concepts: int = 4, steps: int | None = None, seed: int =
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    steps = steps or DEMO_STEPS
+    steps = steps or TOY_STEPS
     ev = EvalSettings()
-    pipe = load_toy_pipeline()
+    pipe = load_base(TOY)
     bank = None
     after_own: dict[str, float] = {}
     rows: list[tuple[str, list[Image.Image]]] = []
@@ -126,9 +122,6 @@ def run_demo(out: Path, concepts: int = 4, steps: int | None = None, seed: int =
 
 def _prior_rows(pipe, bank, ev: EvalSettings) -> list[tuple[str, list[Image.Image]]]:
     """A trigger-free prompt on the base model and with every concept composed: the base should survive."""
-    from .compose import compose
-    from .evaluate import sample
-
     prompt = "a red circle on the left and a blue square on the right"
     base = sample(pipe, [prompt], ev)
     with compose(pipe.unet, bank, None, "merged"):

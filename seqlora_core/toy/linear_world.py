@@ -1,4 +1,4 @@
-"""A linear-layer world where interference can be measured exactly (METHOD.md section 5).
+"""A linear-layer world where interference can be measured exactly (docs/method.md, "Why the basis is learned").
 
 Concept t's inputs are a shared generic part plus a concept-specific part, x = G g + C_t c; its target
 changes the layer only along its own specific directions, y = (W0 + D_t) x with D_t = D~ C_t C_t^T.

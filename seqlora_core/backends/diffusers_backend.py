@@ -17,43 +17,46 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dataset import ConceptDataset
-from .tiny import build_tiny_pipeline
+from ..data.dataset import ConceptDataset
 
 OPTIONAL_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
-_HOW = "Pass a local diffusers folder (with model_index.json), a single-file .safetensors checkpoint, or 'tiny'."
+_HOW = (
+    "Pass a local diffusers folder (with model_index.json), a single-file .safetensors checkpoint, or a "
+    "built-in base ('toy', 'tiny')."
+)
 
 
 def load_pipeline(
-    path_or_name: str | Path,
+    path: str | Path,
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
     config: str | Path | None = None,
 ) -> Any:
-    """Load a pipeline offline: `"tiny"`, a diffusers folder, or a single-file `.safetensors`.
+    """Load a pipeline offline from a diffusers folder or a single-file `.safetensors`.
 
+    The built-in bases (`"toy"`, `"tiny"`) are resolved with the files in `seqlora_core.apps.bases`.
     `config` (single files only): a local diffusers folder of the same architecture, used for the
     component configs that `from_single_file` would otherwise fetch from a hub. The returned
     pipeline is in eval mode with every parameter frozen (adapters add their own parameters).
     Raises FileNotFoundError for a missing path or component, ValueError for an unsupported model,
     RuntimeError when a single file cannot be converted offline.
     """
-    if str(path_or_name) == "tiny":
-        pipe = build_tiny_pipeline()
-        if dtype is not None:
-            pipe.to(dtype=dtype)
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"model not found: {path}. {_HOW}")
+    if path.is_dir():
+        pipe = _load_folder(path, dtype)
+    elif path.suffix.lower() == ".safetensors":
+        pipe = _load_single_file(path, dtype, config)
     else:
-        path = Path(path_or_name).expanduser()
-        if not path.exists():
-            raise FileNotFoundError(f"model not found: {path}. {_HOW}")
-        if path.is_dir():
-            pipe = _load_folder(path, dtype)
-        elif path.suffix.lower() == ".safetensors":
-            pipe = _load_single_file(path, dtype, config)
-        else:
-            raise ValueError(f"unsupported model file {path} (only .safetensors; pickled .ckpt is not loaded). {_HOW}")
+        raise ValueError(f"unsupported model file {path} (only .safetensors; pickled .ckpt is not loaded). {_HOW}")
     if getattr(pipe, "unet", None) is None or getattr(pipe, "vae", None) is None:
-        raise ValueError(f"{path_or_name} is not a UNet pipeline with a VAE (SD1.x/2.x/SDXL are supported)")
+        raise ValueError(f"{path} is not a UNet pipeline with a VAE (SD1.x/2.x/SDXL are supported)")
+    return ready_for_training(pipe, device)
+
+
+def ready_for_training(pipe: Any, device: str | torch.device | None = None) -> Any:
+    """Every component in eval mode and frozen (adapters add their own parameters), on ``device``, quiet."""
     for module in pipe.components.values():
         if isinstance(module, nn.Module):
             module.eval().requires_grad_(False)

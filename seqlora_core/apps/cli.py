@@ -7,31 +7,9 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
 
-BASES_HELP = "'toy' (the embedded toy world), 'tiny' (random, for tests), a diffusers folder or a .safetensors file"
-
-
-def _load_base(base: str, device: str | None = None) -> Any:
-    if base == "toy":
-        from .toy.model import load_toy_pipeline
-
-        pipe = load_toy_pipeline()
-    else:
-        from .diffusers_backend import load_pipeline
-
-        pipe = load_pipeline(base)
-    if device:
-        pipe.to(device)
-    return pipe
-
-
-def _architecture(base: str, pipe: Any) -> str:
-    if base in ("toy", "tiny"):
-        return base
-    from .diffusers_backend import is_sdxl
-
-    return "sdxl" if is_sdxl(pipe) else "sd15"
+from ..method import selection
+from .bases import BASES_HELP, TOY
 
 
 def _device(arg: str | None) -> str:
@@ -41,7 +19,7 @@ def _device(arg: str | None) -> str:
 
 
 def _load_bank(path: Path):
-    from .bank import ConceptBank
+    from ..method.bank import ConceptBank
 
     return ConceptBank.load(path) if path.exists() else None
 
@@ -49,18 +27,14 @@ def _load_bank(path: Path):
 def cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .dataset import ConceptDataset
-    from .diffusers_backend import DiffusersConceptData, diffusion_loss, native_resolution
-    from .trainer import TrainCallbacks, TrainConfig, TrainingCancelled, train_concept
+    from ..method.trainer import TrainCallbacks, TrainConfig, TrainingCancelled
+    from .bases import architecture_of, load_base
+    from .recipes import train_from_folder
 
     bank_path = Path(args.bank)
     bank = _load_bank(bank_path)
     name = args.name or args.trigger.split()[0]
-    device = _device(args.device)
-    pipe = _load_base(args.base, device)
-    resolution = args.resolution or native_resolution(pipe)
-    dataset = ConceptDataset.from_folder(args.images, args.trigger, args.caption_template, resolution)
-    data = DiffusersConceptData(pipe, dataset, batch_size=args.batch_size, seed=args.seed)
+    pipe = load_base(args.base, _device(args.device))
     cfg = TrainConfig(
         name=name,
         triggers=[args.trigger],
@@ -75,7 +49,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         checkpoint_path=str(bank_path.with_name(f"{bank_path.stem}.{name}.partial.safetensors")),
         checkpoint_every=args.checkpoint_every,
         layer_naming="diffusers",
-        architecture=_architecture(args.base, pipe),
+        architecture=architecture_of(args.base, pipe),
     )
     bar = tqdm(total=args.steps, desc=f"training {name!r} ({args.method})", unit="step", disable=args.quiet)
 
@@ -84,20 +58,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         bar.set_postfix(loss=f"{info.loss:.4f}", interference=f"{info.interference:.3f}", refresh=False)
         bar.refresh()
 
-    prior = data.prior_batches
-    if args.base == "toy":  # the toy world's own scenes are its trigger-free prior
-        from .evaluate import toy_prior_data
-
-        prior = toy_prior_data(pipe, seed=args.seed).batches
+    callbacks = TrainCallbacks(on_step=on_step, on_phase=lambda p: bar.set_description(p))
     try:
-        new_bank = train_concept(
-            pipe.unet,
-            diffusion_loss,
-            data.batches,
+        new_bank = train_from_folder(
+            pipe,
+            args.images,
+            args.trigger,
             cfg,
             bank,
-            prior,
-            TrainCallbacks(on_step=on_step, on_phase=lambda p: bar.set_description(p)),
+            resolution=args.resolution,
+            caption_template=args.caption_template,
+            batch_size=args.batch_size,
+            callbacks=callbacks,
         )
     except (KeyboardInterrupt, TrainingCancelled):
         bar.close()
@@ -116,32 +88,26 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .bank import ConceptBank
-    from .report import build_report, write_heatmap_png
+    from ..method.bank import ConceptBank
+    from ..method.report import build_report, report_text
+    from .heatmap import write_heatmap_png
 
     bank = ConceptBank.load(args.bank)
     rep = build_report(bank)
-    if args.base == "toy" and args.identity:
-        from .toy.identity import identity_report
+    if args.base == TOY and args.identity:
+        from ..toy.evaluation import identity_report
+        from .bases import load_base
 
-        rep["identity"] = identity_report(_load_base("toy"), bank)
+        rep["identity"] = identity_report(load_base(TOY), bank)
     if args.png:
         write_heatmap_png(rep, args.png)
-    if args.json:
-        print(json.dumps(rep, indent=1))
-    else:
-        print(f"{len(rep['concepts'])} concepts; mean relative interference {rep['mean_relative_interference']:.4f}")
-        for t, name in enumerate(rep["concepts"]):
-            row = " ".join(f"{v:7.4f}" for v in rep["interference"][t])
-            print(f"  {t:2d} {name:20s} {row}   base drift {rep['base_drift'][t]:.4f}")
-        full = [k for k, v in rep["capacity"].items() if v["soft"]]
-        print(f"capacity: {len(full)} of {len(rep['capacity'])} layers full" + (f" (e.g. {full[0]})" if full else ""))
+    print(json.dumps(rep, indent=1) if args.json else report_text(rep))
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .bank import ConceptBank
-    from .lora_io import export_concept
+    from ..interop.bank_lora import export_concept
+    from ..method.bank import ConceptBank
 
     bank = ConceptBank.load(args.bank)
     path = export_concept(bank, args.concept, args.out, args.format, args.dtype)
@@ -150,7 +116,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from .lora_io import import_lora
+    from ..interop.bank_lora import import_lora
 
     bank_path = Path(args.bank)
     bank = _load_bank(bank_path)
@@ -163,26 +129,24 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def parse_selection(text: str) -> dict[str, float]:
-    """'a:1.0,b:0.7,c' -> {'a': 1.0, 'b': 0.7, 'c': 1.0}."""
-    out: dict[str, float] = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, _, strength = part.partition(":")
-        try:
-            out[name.strip()] = float(strength) if strength else 1.0
-        except ValueError:
-            raise SystemExit(f"--concepts: strength {strength!r} of {name!r} is not a number") from None
-    return out
+    """``--concepts`` -> {name: strength} of the concepts switched on: 'a:1.0, b:0.7, c, !d:0.5' ->
+    {'a': 1.0, 'b': 0.7, 'c': 1.0} (the selection grammar of ``seqlora_core.method.selection``)."""
+    try:
+        return selection.enabled_strengths(selection.parse_selection(text, "--concepts"))
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .bank import ConceptBank
-    from .compose import compose
-    from .diffusers_backend import generate
+    from ..backends.diffusers_backend import generate
+    from ..method.bank import ConceptBank
+    from ..method.compose import compose
+    from .bases import load_base
 
-    pipe = _load_base(args.base, _device(args.device))
+    pipe = load_base(args.base, _device(args.device))
     bank = ConceptBank.load(args.bank)
-    selection = parse_selection(args.concepts) if args.concepts else {}
-    with compose(pipe.unet, bank, selection, mode=args.mode):
+    chosen = parse_selection(args.concepts)
+    with compose(pipe.unet, bank, chosen, mode=args.mode):
         image = generate(pipe, args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance)[0]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     image.save(args.out)
@@ -266,7 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="an image with any concepts composed (no fusion)")
     g.add_argument("--base", required=True, help=BASES_HELP)
     g.add_argument("--bank", required=True)
-    g.add_argument("--concepts", default="", help="NAME[:STRENGTH],... (default: none)")
+    g.add_argument(
+        "--concepts", default="", help="NAME[:STRENGTH],... ; !NAME lists a concept but leaves it off (default: none)"
+    )
     g.add_argument("--prompt", required=True)
     g.add_argument("--out", required=True, help="output PNG")
     g.add_argument("--mode", choices=["merged", "bypass"], default="merged")
@@ -281,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    from .bank import BankError
+    from ..method.bank import BankError
 
     try:
         return args.fn(args)

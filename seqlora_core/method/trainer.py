@@ -1,4 +1,4 @@
-"""Train one concept into a bank: the first-order, two time-scale bilevel scheme of METHOD.md section 5.
+"""Train one concept into a bank: the first-order, two time-scale bilevel scheme of docs/method.md.
 
 Model-agnostic: the caller gives a model, a loss closure ``loss_fn(model, batch)`` and a batch function
 ``batches(step)`` that is a pure function of the step index (so a resumed run replays the same data).
@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,12 +22,13 @@ import torch
 from safetensors.torch import load_file, save
 from torch import nn
 
+from ..baselines.frozen_slots import frozen_slot
+from ..files import atomic_write_bytes
 from . import basis as bs
 from .adapters import AdapterLayer, inject, remove
 from .bank import Concept, ConceptBank, ConceptLayer, DuplicateConceptError
 from .compose import compose
-from .files import atomic_write_bytes
-from .methods import Method, get_method
+from .methods import Method, get_method, method_of
 from .stats import record_moments, sketch_moment
 from .targets import LayerSpec, find_targets
 
@@ -215,6 +216,12 @@ def _earlier_moment(bank: ConceptBank, layer: str, n: int) -> torch.Tensor:
     return total
 
 
+def _basis_rule(method_name: str) -> str:
+    """The basis rule of a stored concept's method ("free" for an imported LoRA)."""
+    m = method_of(method_name)
+    return m.basis if m is not None else "free"
+
+
 def _resolve_layers(model: nn.Module, bank: ConceptBank | None, cfg: TrainConfig) -> ConceptBank:
     if bank is None:
         return ConceptBank(find_targets(model, cfg.targets), cfg.layer_naming, cfg.architecture)
@@ -275,7 +282,7 @@ class _Run:
         """(A, Q, F_old, F_self, soft) of one layer at the start of training, by the method's rules."""
         cfg, method, bank, r, n = self.cfg, self.method, self.bank, self.cfg.rank, spec.in_features
         if method.basis == "frozen_slot":
-            a, soft = bs.frozen_slot(n, r, slot, int(bank.meta.get("ortho_seed", 0)))
+            a, soft = frozen_slot(n, r, slot, int(bank.meta.get("ortho_seed", 0)))
             return a, None, None, None, soft
         if not method.constrained:
             return bs.kaiming_rows(n, r, gen), None, None, None, False
@@ -299,7 +306,7 @@ class _Run:
         for spec in self.bank.layers:
             by_shape.setdefault((spec.out_features, spec.in_features), []).append(spec)
         gen = torch.Generator().manual_seed(self.cfg.seed)
-        slot = sum(1 for c in self.bank.concepts if c.method == "ortho_frozen")
+        slot = sum(1 for c in self.bank.concepts if _basis_rule(c.method) == "frozen_slot")
         dev, r = self.device, self.cfg.rank
 
         def stacked(mats: list, n: int) -> torch.Tensor | None:
@@ -339,8 +346,31 @@ class _Run:
         return r_old, r_self
 
     def do_step(self) -> float:
-        cfg, method = self.cfg, self.method
+        """One training step in its phases: loss and gradients, upper level (the basis), lower level (the
+        up factor), then dual ascent on the interference budget. Returns the concept's loss."""
         t0 = time.perf_counter()
+        loss = self._forward_backward()
+        t1 = time.perf_counter()
+        if self.method.constrained:
+            self._add_penalty_gradients()
+        with torch.no_grad():
+            self._upper_step()
+            t2 = time.perf_counter()
+            self._lower_step()
+            if self.method.constrained and (self.step + 1) % self.cfg.dual_every == 0:
+                self._dual_step()
+        t3 = time.perf_counter()
+        self.timings["forward_backward_s"] += t1 - t0
+        self.timings["upper_s"] += t2 - t1
+        self.timings["lower_s"] += t3 - t2
+        self.step += 1
+        value = float(loss.detach())
+        self.losses.append(value)
+        return value
+
+    def _forward_backward(self) -> torch.Tensor:
+        """The concept's loss (plus the weighted prior loss) at this step, backpropagated into A and B."""
+        cfg = self.cfg
         for g in self.groups:
             g.B.grad = None
             if g.A.requires_grad:
@@ -355,55 +385,60 @@ class _Run:
                 f"loss is {float(total)} at step {self.step}; lower the learning rate (now {cfg.lr})"
             )
         total.backward()
-        t1 = time.perf_counter()
-        # upper level: the basis
-        if method.constrained:
-            num = den = 0.0
-            lam_may_be_positive = self.step >= cfg.dual_every
-            for g in self.groups:
-                r_old, r_self = self.penalty_terms(g, detach_b=not method.penalty_on_up)
-                denom = r_self.detach() + 1e-30
-                g.last_rel = r_old.detach() / denom
-                num = num + r_old.detach().sum()
-                den = den + r_self.detach().sum()
-                if lam_may_be_positive and g.f_old is not None:
-                    pen = (g.lam * r_old / denom).sum()
-                    wrt = [g.A, g.B] if method.penalty_on_up else [g.A]
-                    grads = torch.autograd.grad(pen, wrt)
-                    g.A.grad = g.A.grad + grads[0] if g.A.grad is not None else grads[0]
-                    if method.penalty_on_up:
-                        g.B.grad = g.B.grad + grads[1]
-            self.last_interference = (num, den)
-        with torch.no_grad():
-            for g in self.groups:
-                if method.basis == "learned":
-                    self._riemannian_step(g)
-                elif g.opt_a is not None and g.A.grad is not None:
-                    g.A.sub_(cfg.lr * g.opt_a.direction(g.A.grad))
-            t2 = time.perf_counter()
-            # lower level: the up factor
-            for g in self.groups:
-                if g.B.grad is None:
-                    continue
-                if cfg.weight_decay:
-                    g.B.mul_(1 - cfg.lr * cfg.weight_decay)
-                g.B.sub_(cfg.lr * g.opt_b.direction(g.B.grad))
-            # dual ascent on the interference budget
-            if method.constrained and (self.step + 1) % cfg.dual_every == 0:
-                for g in self.groups:
-                    if g.last_rel is not None:
-                        # the constraint R_rel <= eps, scaled as R_rel / eps - 1 <= 0 so that eta_lambda
-                        # means the same for every budget
-                        violation = g.last_rel / max(cfg.budget, 1e-12) - 1.0
-                        g.lam.add_(cfg.dual_lr * violation.clamp(max=10.0)).clamp_(min=0)
-        t3 = time.perf_counter()
-        self.timings["forward_backward_s"] += t1 - t0
-        self.timings["upper_s"] += t2 - t1
-        self.timings["lower_s"] += t3 - t2
-        self.step += 1
-        value = float(loss.detach())
-        self.losses.append(value)
-        return value
+        return loss
+
+    def _add_penalty_gradients(self) -> None:
+        """The interference penalty lambda * R_old / R_self: its gradient joins A's (and, single-level, B's).
+
+        Also records each layer's relative interference for the dual step and the progress report.
+        """
+        method = self.method
+        num = den = 0.0
+        lam_may_be_positive = self.step >= self.cfg.dual_every
+        for g in self.groups:
+            r_old, r_self = self.penalty_terms(g, detach_b=not method.penalty_on_up)
+            denom = r_self.detach() + 1e-30
+            g.last_rel = r_old.detach() / denom
+            num = num + r_old.detach().sum()
+            den = den + r_self.detach().sum()
+            if lam_may_be_positive and g.f_old is not None:
+                pen = (g.lam * r_old / denom).sum()
+                wrt = [g.A, g.B] if method.penalty_on_up else [g.A]
+                grads = torch.autograd.grad(pen, wrt)
+                g.A.grad = g.A.grad + grads[0] if g.A.grad is not None else grads[0]
+                if method.penalty_on_up:
+                    g.B.grad = g.B.grad + grads[1]
+        self.last_interference = (num, den)
+
+    def _upper_step(self) -> None:
+        """Upper level: a Riemannian step of a learned basis; a plain Adam step of a free one."""
+        for g in self.groups:
+            if self.method.basis == "learned":
+                self._riemannian_step(g)
+            elif g.opt_a is not None and g.A.grad is not None:
+                g.A.sub_(self.cfg.lr * g.opt_a.direction(g.A.grad))
+
+    def _lower_step(self) -> None:
+        """Lower level: an Adam step of the up factor B (with weight decay gamma)."""
+        cfg = self.cfg
+        for g in self.groups:
+            if g.B.grad is None:
+                continue
+            if cfg.weight_decay:
+                g.B.mul_(1 - cfg.lr * cfg.weight_decay)
+            g.B.sub_(cfg.lr * g.opt_b.direction(g.B.grad))
+
+    def _dual_step(self) -> None:
+        """Projected dual ascent on the budget, per layer: lambda <- max(0, lambda + eta (R_rel / eps - 1)).
+
+        The constraint R_rel <= eps is scaled as R_rel / eps - 1 <= 0 so that eta_lambda means the same for
+        every budget; one step's violation counts at most 10.
+        """
+        cfg = self.cfg
+        for g in self.groups:
+            if g.last_rel is not None:
+                violation = g.last_rel / max(cfg.budget, 1e-12) - 1.0
+                g.lam.add_(cfg.dual_lr * violation.clamp(max=10.0)).clamp_(min=0)
 
     def _riemannian_step(self, g: Group) -> None:
         """G P -> Stiefel tangent -> Adam direction -> P and tangent again -> step -> QR retraction.
@@ -523,69 +558,48 @@ def train_concept(
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
 
-    grad_flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    model.requires_grad_(False)
-    gc_on = bool(config.gradient_checkpointing and hasattr(model, "enable_gradient_checkpointing"))
-    if gc_on:
-        model.enable_gradient_checkpointing()
-    composition = None
-    adapters: dict[str, AdapterLayer] = {}
-    run: _Run | None = None
-    try:
-        if not bank.prior:
-            _phase(cb, "prior stats")
+    with contextlib.ExitStack() as restore:  # undone in reverse order, whatever happens
+        restore.enter_context(prepared_for_training(model, config.gradient_checkpointing))
+        run: _Run | None = None
+        try:
+            if not bank.prior:
+                _phase(cb, "prior stats")
+                t = time.perf_counter()
+                moments = _run_stats(
+                    model, specs, loss_fn, prior_batches or batches, config.stats_batches, config.precision
+                )
+                bank = bank.with_prior(
+                    {k: sketch_moment(v, config.sketch_rank, config.sketch_energy) for k, v in moments.items()}
+                )
+                timings["prior_stats_s"] = time.perf_counter() - t
+            if context == "stacked" and bank.concepts:
+                restore.enter_context(compose(model, bank, None, "merged"))
+            _phase(cb, "concept stats")
             t = time.perf_counter()
-            moments = _run_stats(
-                model, specs, loss_fn, prior_batches or batches, config.stats_batches, config.precision
-            )
-            bank = bank.with_prior(
-                {k: sketch_moment(v, config.sketch_rank, config.sketch_energy) for k, v in moments.items()}
-            )
-            timings["prior_stats_s"] = time.perf_counter() - t
-        if context == "stacked" and bank.concepts:
-            composition = compose(model, bank, None, "merged")
-        _phase(cb, "concept stats")
-        t = time.perf_counter()
-        pre = _run_stats(model, specs, loss_fn, batches, config.stats_batches, config.precision)
-        timings["concept_stats_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        run = _Run(model, loss_fn, batches, config, method, bank, prior_batches)
-        run.build_groups({k: v.cpu() for k, v in pre.items()})
-        timings["basis_init_s"] = time.perf_counter() - t
-        adapters = inject(model, specs)
-        run.attach(adapters)
-        run.try_resume(key)
-        _phase(cb, "train")
-        t = time.perf_counter()
-        while run.step < config.steps:
-            if cb.should_stop is not None and cb.should_stop():
-                run.save_checkpoint(key)
-                raise TrainingCancelled(run.step, config.checkpoint_path)
-            loss = run.do_step()
-            if cb.on_step is not None:
-                rel, lam = run.interference_now() if method.constrained else (0.0, 0.0)
-                cb.on_step(StepInfo(run.step, config.steps, loss, rel, lam))
-            if config.checkpoint_path and run.step % config.checkpoint_every == 0 and run.step < config.steps:
-                run.save_checkpoint(key)
-        timings["train_s"] = time.perf_counter() - t
-        _phase(cb, "final stats")
-        t = time.perf_counter()
-        final = _run_stats(model, specs, loss_fn, batches, config.stats_batches, config.precision)
-        timings["final_stats_s"] = time.perf_counter() - t
-        concept = _make_concept(run, final, config, method)
-    except BaseException as e:
-        if run is not None and run.step > 0 and not isinstance(e, TrainingCancelled):
-            with contextlib.suppress(Exception):
-                run.save_checkpoint(key)
-        raise
-    finally:
-        remove(model, adapters)
-        if composition is not None:
-            composition.remove()
-        if gc_on and hasattr(model, "disable_gradient_checkpointing"):
-            model.disable_gradient_checkpointing()
-        for n, p in model.named_parameters():
-            p.requires_grad_(grad_flags.get(n, p.requires_grad))
+            pre = _run_stats(model, specs, loss_fn, batches, config.stats_batches, config.precision)
+            timings["concept_stats_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            run = _Run(model, loss_fn, batches, config, method, bank, prior_batches)
+            run.build_groups({k: v.cpu() for k, v in pre.items()})
+            timings["basis_init_s"] = time.perf_counter() - t
+            adapters = inject(model, specs)
+            restore.callback(remove, model, adapters)
+            run.attach(adapters)
+            run.try_resume(key)
+            _phase(cb, "train")
+            t = time.perf_counter()
+            _train_loop(run, cb, key)
+            timings["train_s"] = time.perf_counter() - t
+            _phase(cb, "final stats")
+            t = time.perf_counter()
+            final = _run_stats(model, specs, loss_fn, batches, config.stats_batches, config.precision)
+            timings["final_stats_s"] = time.perf_counter() - t
+            concept = _make_concept(run, final, config, method)
+        except BaseException as e:
+            if run is not None and run.step > 0 and not isinstance(e, TrainingCancelled):
+                with contextlib.suppress(Exception):
+                    run.save_checkpoint(key)
+            raise
     timings.update({k: v for k, v in run.timings.items()})
     timings["total_s"] = time.perf_counter() - t_start
     timings["steps"] = float(config.steps)
@@ -594,6 +608,41 @@ def train_concept(
     if config.checkpoint_path:
         Path(config.checkpoint_path).unlink(missing_ok=True)
     return new_bank
+
+
+@contextlib.contextmanager
+def prepared_for_training(model: nn.Module, gradient_checkpointing: bool = False) -> Iterator[None]:
+    """Freeze every parameter of ``model`` (adapters add their own trainable tensors) and, when asked and
+    supported, turn on gradient checkpointing; on exit each parameter's ``requires_grad`` and the
+    checkpointing are as they were."""
+    grad_flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.requires_grad_(False)
+    gc_on = bool(gradient_checkpointing and hasattr(model, "enable_gradient_checkpointing"))
+    if gc_on:
+        model.enable_gradient_checkpointing()
+    try:
+        yield
+    finally:
+        if gc_on and hasattr(model, "disable_gradient_checkpointing"):
+            model.disable_gradient_checkpointing()
+        for n, p in model.named_parameters():
+            p.requires_grad_(grad_flags.get(n, p.requires_grad))
+
+
+def _train_loop(run: _Run, cb: TrainCallbacks, key: str) -> None:
+    """Step until done, reporting every step, checkpointing every ``checkpoint_every`` steps; a stop
+    request saves the checkpoint and raises :class:`TrainingCancelled`."""
+    config = run.cfg
+    while run.step < config.steps:
+        if cb.should_stop is not None and cb.should_stop():
+            run.save_checkpoint(key)
+            raise TrainingCancelled(run.step, config.checkpoint_path)
+        loss = run.do_step()
+        if cb.on_step is not None:
+            rel, lam = run.interference_now() if run.method.constrained else (0.0, 0.0)
+            cb.on_step(StepInfo(run.step, config.steps, loss, rel, lam))
+        if config.checkpoint_path and run.step % config.checkpoint_every == 0 and run.step < config.steps:
+            run.save_checkpoint(key)
 
 
 def _phase(cb: TrainCallbacks, name: str) -> None:

@@ -9,6 +9,7 @@ from torch import nn
 
 from .adapters import AdapterLayer, inject, remove
 from .bank import ConceptBank
+from .methods import Method, method_of
 
 
 def resolve_strengths(bank: ConceptBank, selection: Mapping[str, float] | Sequence[str] | None) -> dict[str, float]:
@@ -87,21 +88,19 @@ def compose(
     """Apply any subset of concepts with strengths. No optimisation, no data.
 
     ``merged`` adds sum_t s_t dW_t into the weights (zero cost per step); ``bypass`` wraps the layers so
-    that y = f(x) + sum_t s_t B_t (A_t x) (instant toggling; base weights untouched). Concepts of the
-    ``fusion`` baseline are combined by its least-squares fusion instead, in merged mode.
+    that y = f(x) + sum_t s_t B_t (A_t x) (instant toggling; base weights untouched). Concepts of a method
+    with its own ``fuse`` rule (the ``fusion`` baseline) are combined by that rule instead, in merged mode.
     """
     if mode not in ("merged", "bypass"):
         raise ValueError(f"mode: {mode!r}; use 'merged' or 'bypass'")
     bank.check_model(model)
     strengths = resolve_strengths(bank, selection)
     comp = Composition(model, mode)
-    fused = [n for n in strengths if bank.concept(n).method == "fusion"]
-    if fused:
-        from .fusion import fused_deltas
-
+    fusing = _fusing_method(bank, strengths)
+    if fusing is not None:
         if mode != "merged":
-            raise ValueError("concepts of the 'fusion' baseline compose in merged mode only")
-        apply_deltas(model, fused_deltas(model, bank, strengths), comp)
+            raise ValueError(f"concepts of the {fusing.name!r} baseline compose in merged mode only")
+        apply_deltas(model, fusing.fuse(bank, strengths), comp)
         return comp
     if mode == "merged":
         deltas = {}
@@ -117,3 +116,11 @@ def compose(
         if pair is not None:
             comp._wrappers[spec.name].set_bypass(*pair)
     return comp
+
+
+def _fusing_method(bank: ConceptBank, strengths: Mapping[str, float]) -> Method | None:
+    """The method whose ``fuse`` rule composes the selection, or None for plain summation."""
+    fusing = {m.name: m for n in strengths if (m := method_of(bank.concept(n).method)) and m.fuse is not None}
+    if len(fusing) > 1:
+        raise ValueError(f"concepts of {', '.join(map(repr, fusing))} fuse by different rules; compose them apart")
+    return next(iter(fusing.values()), None)

@@ -13,11 +13,12 @@ this baseline pays and SeqLoRA does not.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
-from .bank import ConceptBank
+if TYPE_CHECKING:
+    from ..method.bank import ConceptBank
 
 
 def fused_delta(deltas: list[torch.Tensor], moments: list[torch.Tensor], ridge: float = 1e-3) -> torch.Tensor:
@@ -31,7 +32,7 @@ def fused_delta(deltas: list[torch.Tensor], moments: list[torch.Tensor], ridge: 
     return torch.linalg.solve(lhs, rhs.T).T.float()
 
 
-def fused_deltas(model: nn.Module, bank: ConceptBank, strengths: Mapping[str, float]) -> dict[str, torch.Tensor]:
+def fused_deltas(bank: ConceptBank, strengths: Mapping[str, float]) -> dict[str, torch.Tensor]:
     """Fused weight changes for every bank layer; needs each concept's stored moment (or its sketch)."""
     out = {}
     chosen = [(bank.concept(n), s) for n, s in strengths.items() if s != 0]

@@ -83,24 +83,6 @@ def generalized_eigen_basis(
     return retract(a.float(), q_prev)
 
 
-def random_orthonormal(n: int, seed: int) -> torch.Tensor:
-    """A seeded random orthonormal n x n basis (rows), the same for a given (n, seed)."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + n)
-    return orthonormal_rows(torch.randn(n, n, generator=gen, dtype=torch.float64)).float()
-
-
-def frozen_slot(n: int, r: int, slot: int, seed: int) -> tuple[torch.Tensor, bool]:
-    """Orthogonal Adaptation's basis: rows [slot*r, (slot+1)*r) of one seeded basis; wraps when full.
-
-    Returns (A, wrapped): ``wrapped`` says the slots ran out and the basis reuses directions.
-    """
-    basis = random_orthonormal(n, seed)
-    slots = n // r
-    wrapped = slot >= slots
-    i = slot % slots
-    return basis[i * r : (i + 1) * r].contiguous(), wrapped
-
-
 def kaiming_rows(n: int, r: int, generator: torch.Generator) -> torch.Tensor:
     """kohya's lora_down init (kaiming-uniform with a = sqrt(5)): U(-1/sqrt(n), 1/sqrt(n))."""
     bound = 1.0 / n**0.5

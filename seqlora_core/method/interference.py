@@ -1,4 +1,4 @@
-"""Residual interference energy and its high-probability forgetting bound (METHOD.md section 3)."""
+"""Residual interference energy and its high-probability forgetting bound (docs/method.md, "Interference")."""
 
 from __future__ import annotations
 

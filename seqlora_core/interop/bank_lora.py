@@ -9,12 +9,11 @@ from typing import Any
 
 import torch
 
-from . import export as ex
+from ..method.bank import Concept, ConceptBank, ConceptLayer
 from . import naming as nm
-from .bank import Concept, ConceptBank, ConceptLayer
-
-ARCH_TO_BASE_VERSION = {"sd15": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
-
+from .families import kohya_base_version
+from .lora_read import read_lora_file
+from .lora_write import save_kohya, save_peft
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -53,8 +52,8 @@ def export_concept(
         "seqlora_concept_index": str(bank.index(name)),
         "seqlora_architecture": bank.architecture,
     }
-    base_version = ARCH_TO_BASE_VERSION.get(bank.architecture, "sd_v1")
-    save = ex.save_kohya if fmt == "kohya" else ex.save_peft
+    base_version = kohya_base_version(bank.architecture)
+    save = save_kohya if fmt == "kohya" else save_peft
     return save(path, factors, kernels, c.triggers, c.name, base_version, extra, dtype=dtype, concept_name=c.name)
 
 
@@ -79,11 +78,9 @@ def import_lora(
     path = Path(path)
     names = [s.name for s in bank.layers]
     if bank.layer_naming in ("diffusers", "ldm"):
-        factors, meta, file_triggers = ex.read_lora_file(
-            path, bank.layer_naming, structure or nm.guess_structure(names)
-        )
+        factors, meta, file_triggers = read_lora_file(path, bank.layer_naming, structure or nm.guess_structure(names))
     else:
-        factors, meta, file_triggers = ex.read_lora_file(path, "diffusers", module_names=names)
+        factors, meta, file_triggers = read_lora_file(path, "diffusers", module_names=names)
     extra = sorted(set(factors) - set(names))
     if extra:
         warnings.warn(

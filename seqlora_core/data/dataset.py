@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .captions import make_caption, make_prior_caption, read_caption
+
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 RESIZE_MODES = ("center_crop", "bucket")
 _KOHYA = re.compile(r"^(\d+)_(.+)$")
@@ -36,36 +38,6 @@ _KOHYA = re.compile(r"^(\d+)_(.+)$")
 def accepted_types() -> str:
     """Human-readable list of accepted image extensions."""
     return ", ".join(IMAGE_EXTS)
-
-
-def _trigger_pattern(trigger: str) -> re.Pattern[str]:
-    words = [re.escape(w) for w in trigger.split()]
-    return re.compile(r"(?<!\w)" + r"\s+".join(words) + r"(?!\w)", re.IGNORECASE)
-
-
-def _tidy(text: str) -> str:
-    text = " ".join(text.split())
-    text = re.sub(r"\s+([,.;:])", r"\1", text)
-    text = re.sub(r"([,;])(\s*[,;])+", r"\1", text)
-    return text.strip(" ,;")
-
-
-def make_caption(caption: str | None, trigger: str, template: str) -> str:
-    """The training caption: `template` if `caption` is empty, else `caption`; prepend the trigger.
-
-    Rule: a caption that does not contain the trigger (whole words, case-insensitive) becomes
-    `"{trigger}, {caption}"`.
-    """
-    text = _tidy(caption or "") or template.format(trigger=trigger)
-    if not _trigger_pattern(trigger).search(text):
-        text = f"{trigger}, {text}"
-    return text
-
-
-def make_prior_caption(caption: str, trigger: str, class_word: str | None = None) -> str:
-    """The caption without the trigger (every whole-word, case-insensitive occurrence removed, or
-    replaced by `class_word` when given), punctuation and spaces tidied. May be empty."""
-    return _tidy(_trigger_pattern(trigger).sub(class_word or "", caption))
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -114,6 +86,7 @@ class ConceptDataset:
     paths: list[Path] = field(default_factory=list)
     pixels_u8: list[torch.Tensor] = field(default_factory=list)
     captions: list[str] = field(default_factory=list)
+    given_captions: list[str | None] = field(default_factory=list)  # each image's .txt as read, or None
     prior_captions: list[str] = field(default_factory=list)
     repeats: list[int] = field(default_factory=list)
     original_sizes: list[tuple[int, int]] = field(default_factory=list)  # (h, w) before resizing
@@ -156,11 +129,11 @@ class ConceptDataset:
                 ds.skipped.append(file)
                 continue
             out, crop = resize_image(rgb, resolution, resize)
-            txt = file.with_suffix(".txt")
-            raw = txt.read_text(encoding="utf-8-sig", errors="replace") if txt.is_file() else None
+            raw = read_caption(file.with_suffix(".txt"))
             caption = make_caption(raw, ds.trigger, caption_template)
             ds.paths.append(file)
             ds.pixels_u8.append(torch.from_numpy(np.array(out, dtype=np.uint8)).permute(2, 0, 1).contiguous())
+            ds.given_captions.append(raw)
             ds.captions.append(caption)
             ds.prior_captions.append(make_prior_caption(caption, ds.trigger, class_word))
             ds.repeats.append(reps)

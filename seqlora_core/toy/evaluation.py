@@ -1,22 +1,25 @@
-"""Identity evaluation on the toy world: generate with concepts composed, score with the identity CNN."""
+"""The toy world's evaluation protocol: its own scenes as the prior, and the identity of concepts
+generated with a bank composed, scored by the identity CNN.
+
+One protocol for the demo, the benchmarks and ``seqlora_core report --identity``: prompt
+``"a photo of <trigger>"`` (pairs: ``"<a> on the left and <b> on the right"``, each half scored), images
+from fixed seeded noise (:class:`EvalSettings`), concepts composed merged.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from PIL import Image
 
-from .bank import Concept, ConceptBank
-from .compose import compose
-from .dataset import ConceptDataset
-from .diffusers_backend import DiffusersConceptData, diffusion_loss, native_resolution
-from .toy.concepts import trigger_word, write_concept_folder
-from .toy.identity import N_IDENTITY, concept_id_of, identity_probs
-from .toy.scenes import scene_dataset
-from .trainer import TrainCallbacks, TrainConfig, train_concept
+from ..backends.diffusers_backend import DiffusersConceptData, native_resolution
+from ..data.dataset import ConceptDataset
+from ..method.bank import Concept, ConceptBank
+from ..method.compose import compose
+from .identity import N_IDENTITY, concept_id_of, identity_probs
+from .scenes import scene_dataset
 
 PROMPT = "a photo of {t}"
 PAIR_PROMPT = "{a} on the left and {b} on the right"
@@ -32,44 +35,19 @@ class EvalSettings:
     base_seed: int = 1000
 
 
-def toy_id(concept: Concept) -> int | None:
-    """The toy concept id behind a concept (a trigger that is a reserved toy word the CNN knows), or None."""
+def toy_trigger(concept: Concept) -> tuple[str, int] | None:
+    """(trigger, toy concept id) of the first trigger that is a reserved toy word the CNN knows, or None."""
     for t in concept.triggers:
         cid = concept_id_of(t)
         if cid is not None and cid < N_IDENTITY:
-            return cid
+            return t, cid
     return None
 
 
-def learn_toy_concept(
-    pipe,
-    bank: ConceptBank | None,
-    k: int,
-    folder: Path,
-    method: str = "seqlora",
-    steps: int = 150,
-    lr: float = 3e-3,
-    seed: int = 0,
-    images: int = 8,
-    stats_batches: int = 4,
-    callbacks: TrainCallbacks | None = None,
-    batch_size: int = 4,
-    **config,
-) -> ConceptBank:
-    """Toy concept ``k``: write its images to ``folder`` (if absent), learn it into ``bank``, return the new bank.
-
-    ``config`` overrides further ``TrainConfig`` fields (``rank``, ``targets``, ``rho``, ...)."""
-    trigger = trigger_word(k)
-    if not folder.exists():
-        write_concept_folder(k, folder, n=images, seed=seed)
-    size = native_resolution(pipe)
-    dataset = ConceptDataset.from_folder(folder, trigger, resolution=size)
-    data = DiffusersConceptData(pipe, dataset, batch_size=batch_size, seed=seed)
-    settings = dict(rank=4, stats_batches=stats_batches, layer_naming="diffusers", architecture="toy") | config
-    cfg = TrainConfig(name=trigger, triggers=[trigger], method=method, steps=steps, lr=lr, seed=seed, **settings)
-    needs_prior = bank is None or not bank.prior or cfg.prior_loss_weight > 0
-    prior = toy_prior_data(pipe, seed=seed).batches if needs_prior else None
-    return train_concept(pipe.unet, diffusion_loss, data.batches, cfg, bank, prior, callbacks)
+def toy_id(concept: Concept) -> int | None:
+    """The toy concept id behind a concept, or None (see :func:`toy_trigger`)."""
+    found = toy_trigger(concept)
+    return None if found is None else found[1]
 
 
 def toy_prior_data(pipe, n: int = 32, seed: int = 0) -> DiffusersConceptData:
@@ -130,15 +108,24 @@ def concept_identity(
     pipe, bank: ConceptBank, selection: Mapping[str, float] | None, names: Sequence[str], ev: EvalSettings
 ) -> tuple[dict[str, float], list[Image.Image]]:
     """Mean identity probability of each named concept, prompted alone, with ``selection`` composed."""
-    concepts = [bank.concept(n) for n in names]
-    ids = [toy_id(c) for c in concepts]
-    if any(i is None for i in ids):
-        raise ValueError("identity needs toy-world concepts (trigger words from seqlora_core.toy)")
-    prompts = [PROMPT.format(t=c.triggers[0]) for c in concepts]
+    found = _toy_triggers(bank, names)
+    ids = [cid for _, cid in found]
+    prompts = [PROMPT.format(t=t) for t, _ in found]
     with compose(pipe.unet, bank, selection, "merged"):
         images = sample(pipe, prompts, ev)
     scores = _scores(images, [i for i in ids for _ in range(ev.seeds)])
     return {n: sum(scores[k * ev.seeds : (k + 1) * ev.seeds]) / ev.seeds for k, n in enumerate(names)}, images
+
+
+def _toy_triggers(bank: ConceptBank, names: Sequence[str]) -> list[tuple[str, int]]:
+    """(trigger, toy id) of each named concept; a clear error for a concept the identity CNN cannot score."""
+    found = [toy_trigger(bank.concept(n)) for n in names]
+    missing = [n for n, f in zip(names, found, strict=True) if f is None]
+    if missing:
+        raise ValueError(
+            f"identity needs toy-world concepts (trigger words from seqlora_core.toy); {missing[0]!r} has none"
+        )
+    return found  # type: ignore[return-value]
 
 
 def _half(img: Image.Image, left: bool) -> Image.Image:
@@ -161,9 +148,9 @@ def pair_identity(
     """Both concepts of each pair in one prompt ("A on the left and B on the right"), scored per half."""
     prompts, ids = [], []
     for a, b in pairs:
-        ca, cb = bank.concept(a), bank.concept(b)
-        prompts.append(PAIR_PROMPT.format(a=ca.triggers[0], b=cb.triggers[0]))
-        ids.append((toy_id(ca), toy_id(cb)))
+        (ta, ia), (tb, ib) = _toy_triggers(bank, (a, b))
+        prompts.append(PAIR_PROMPT.format(a=ta, b=tb))
+        ids.append((ia, ib))
     with compose(pipe.unet, bank, selection, "merged"):
         images = sample(pipe, prompts, ev)
     lefts = _scores([_half(im, True) for im in images], [i for i, _ in ids for _ in range(ev.seeds)])
@@ -173,3 +160,38 @@ def pair_identity(
         sl = slice(k * ev.seeds, (k + 1) * ev.seeds)
         out.append({"pair": [a, b], "left": sum(lefts[sl]) / ev.seeds, "right": sum(rights[sl]) / ev.seeds})
     return out, images
+
+
+@torch.no_grad()
+def identity_report(pipe, bank: ConceptBank, n: int = 8, steps: int = 20, guidance: float = 5.0, seed: int = 0) -> dict:
+    """Identity of every toy concept in a bank: on the base, alone, and with all concepts composed.
+
+    A concept is scored when one of its trigger words is a reserved toy trigger the classifier knows, with
+    this module's protocol (``n`` images from seeds ``seed``, ``seed + 1``, ...). ``accuracy``: the share
+    of images the CNN names as the concept; ``mean_prob``: its mean probability for the concept.
+    """
+    ev = EvalSettings(seeds=n, steps=steps, guidance=guidance, base_seed=seed)
+    everyone = {c.name: 1.0 for c in bank.concepts}
+    report: dict[str, dict] = {}
+    for c in bank.concepts:
+        found = toy_trigger(c)
+        if found is None:
+            continue
+        trigger, cid = found
+
+        def score(selection: dict[str, float], trigger: str = trigger, cid: int = cid) -> dict[str, float]:
+            with compose(pipe.unet, bank, selection, "merged"):
+                probs = identity_probs(sample(pipe, [PROMPT.format(t=trigger)], ev))
+            return {
+                "accuracy": float((probs.argmax(-1) == cid).float().mean()),
+                "mean_prob": float(probs[:, cid].mean()),
+            }
+
+        report[c.name] = {
+            "trigger": trigger,
+            "concept_id": cid,
+            "base": score({}),
+            "alone": score({c.name: 1.0}),
+            "all": score(everyone),
+        }
+    return report

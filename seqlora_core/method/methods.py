@@ -1,8 +1,26 @@
-"""The training methods: SeqLoRA and the baselines it is compared with, in one engine."""
+"""The training methods: SeqLoRA and the baselines it is compared with, in one engine.
+
+A :class:`Method` says how its concepts are trained (basis rule, constraint, context) and composed (plain
+summation, or the method's own ``fuse``). The trainer and the composer read these fields; they never test
+a method's name. Concepts whose method is not listed here (an imported LoRA: ``"imported"``) are plain
+low-rank pairs: free basis, composed by summation.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..baselines.fusion import fused_deltas
+
+if TYPE_CHECKING:
+    from .bank import ConceptBank
+
+# (bank, {concept: strength}) -> {layer: dW}: a composition rule other than summation
+Fuse = Callable[["ConceptBank", Mapping[str, float]], dict[str, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -19,6 +37,7 @@ class Method:
     penalty_on_up: bool  # single-level: the penalty's gradient also reaches B (the `joint` ablation)
     context: str  # default training context: "stacked" (earlier concepts active) or "base"
     keep_moment: bool = False  # store each layer's full input moment (the fusion baseline needs it)
+    fuse: Fuse | None = None  # composed by this rule (merged mode only) instead of summation
     summary: str = ""
 
 
@@ -65,6 +84,7 @@ METHODS: dict[str, Method] = {
             False,
             "base",
             keep_moment=True,
+            fuse=fused_deltas,
             summary="independent LoRAs fused by least squares at composition (Mix-of-Show-style)",
         ),
     )
@@ -77,3 +97,8 @@ def get_method(name: str) -> Method:
         return METHODS[name]
     except KeyError:
         raise ValueError(f"method: unknown {name!r}; choose one of {', '.join(METHODS)}") from None
+
+
+def method_of(name: str) -> Method | None:
+    """The method a concept's ``method`` field names, or None (an imported LoRA)."""
+    return METHODS.get(name)

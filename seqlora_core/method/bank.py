@@ -15,7 +15,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from .files import atomic_write_bytes
+from ..files import atomic_write_bytes
 from .stats import Sketch
 from .targets import LayerSpec, layer_spec
 
@@ -199,44 +199,81 @@ class ConceptBank:
     @classmethod
     def load(cls, path: str | os.PathLike) -> ConceptBank:
         """Read a bank; clear errors for a missing, corrupt, foreign or newer-version file."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"bank file {str(path)!r} does not exist; train a concept to create it")
+        path = _existing_bank_file(path)
         raw = path.read_bytes()
+        header = _parse_header(path, raw, len(raw), check_version=True)
         try:
             tensors = st_load(raw)
-            meta = _read_header(raw)
-        except (SafetensorError, ValueError, json.JSONDecodeError) as e:
-            raise BankFormatError(
-                f"bank file {str(path)!r} is corrupt or truncated ({e}); restore it from a copy, "
-                "or delete it to start a new bank"
-            ) from e
-        if meta.get("format") != FORMAT_TAG or "seqlora" not in meta:
-            raise BankFormatError(
-                f"{str(path)!r} is a safetensors file but not a SeqLoRA bank (it may be a LoRA: "
-                "import it with import_lora instead)"
-            )
-        try:
-            header = json.loads(meta["seqlora"])
-        except json.JSONDecodeError as e:
-            raise BankFormatError(f"bank file {str(path)!r}: unreadable header ({e})") from e
-        version = header.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise BankVersionError(
-                f"bank file {str(path)!r} has schema version {version!r}; this SeqLoRA reads version "
-                f"{SCHEMA_VERSION}. Update SeqLoRA to open it."
-            )
+        except SafetensorError as e:
+            raise _corrupt(path, e) from e
         try:
             return _decode(header, tensors)
         except KeyError as e:
             raise BankFormatError(f"bank file {str(path)!r} lacks tensor {e}; the file is damaged") from e
 
 
-def _read_header(raw: bytes) -> dict:
-    n = int.from_bytes(raw[:8], "little")
-    if n <= 0 or 8 + n > len(raw):
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
+
+
+def read_bank_header(path: str | os.PathLike, check_version: bool = False) -> dict:
+    """A bank file's header (layers, concepts with triggers, rank, method, config, ...) without reading
+    its tensors: what a file browser or a UI list needs. BankFormatError for a file that is not a bank;
+    with ``check_version``, BankVersionError for a schema this SeqLoRA does not read."""
+    path = _existing_bank_file(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else 0
+        if 0 < n <= MAX_HEADER_BYTES:
+            head += f.read(n)
+    return _parse_header(path, head, path.stat().st_size, check_version)
+
+
+def _existing_bank_file(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"bank file {str(path)!r} does not exist; train a concept to create it")
+    return path
+
+
+def _corrupt(path: Path, why: object) -> BankFormatError:
+    return BankFormatError(
+        f"bank file {str(path)!r} is corrupt or truncated ({why}); restore it from a copy, "
+        "or delete it to start a new bank"
+    )
+
+
+def _safetensors_metadata(head: bytes, size: int) -> dict:
+    """The ``__metadata__`` of a safetensors file from its first bytes (``size``: the whole file's)."""
+    if len(head) < 8:
+        raise ValueError("too short to be a safetensors file")
+    n = int.from_bytes(head[:8], "little")
+    if n <= 0 or n > MAX_HEADER_BYTES or 8 + n > size or len(head) < 8 + n:
         raise ValueError("header length out of range")
-    return json.loads(raw[8 : 8 + n]).get("__metadata__", {}) or {}
+    return json.loads(head[8 : 8 + n]).get("__metadata__", {}) or {}
+
+
+def _parse_header(path: Path, head: bytes, size: int, check_version: bool) -> dict:
+    """The SeqLoRA header of a file, from its first bytes; a clear error for anything else."""
+    try:
+        meta = _safetensors_metadata(head, size)
+    except ValueError as e:  # json.JSONDecodeError is a ValueError
+        raise _corrupt(path, e) from e
+    if meta.get("format") != FORMAT_TAG or "seqlora" not in meta:
+        raise BankFormatError(
+            f"{str(path)!r} is a safetensors file but not a SeqLoRA bank (it may be a LoRA: "
+            "import it with import_lora instead)"
+        )
+    try:
+        header = json.loads(meta["seqlora"])
+    except json.JSONDecodeError as e:
+        raise BankFormatError(f"bank file {str(path)!r}: unreadable header ({e})") from e
+    version = header.get("schema_version")
+    if check_version and version != SCHEMA_VERSION:
+        raise BankVersionError(
+            f"bank file {str(path)!r} has schema version {version!r}; this SeqLoRA reads version "
+            f"{SCHEMA_VERSION}. Update SeqLoRA to open it."
+        )
+    return header
 
 
 def _sketch_tensors(prefix: str, sk: Sketch, out: dict[str, torch.Tensor]) -> None:

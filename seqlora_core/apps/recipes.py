@@ -1,0 +1,90 @@
+"""Recipes that the command line, the demo and the benchmarks share.
+
+- :func:`train_from_folder`: one concept from a folder of images (and captions) into a bank, on a
+  diffusers pipeline, with the right trigger-free prior (the toy world's own scenes on the toy base, the
+  concept's images with trigger-free captions elsewhere).
+- :func:`learn_toy_concept` and the ``TOY_*`` settings: a toy-world concept as the demo and the
+  benchmarks learn it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..backends import diffusers_backend
+from ..backends.diffusers_backend import DiffusersConceptData, native_resolution
+from ..data.dataset import ConceptDataset
+from ..method.bank import ConceptBank
+from ..method.trainer import BatchFn, TrainCallbacks, TrainConfig, train_concept
+from ..toy.concepts import trigger_word, write_concept_folder
+from ..toy.evaluation import toy_prior_data
+from .bases import TOY
+
+# How the demo and the benchmarks learn a toy concept. Attention and feed-forward of every transformer
+# block: a rank-4 LoRA on attention alone learns a toy glyph only partly (its colours, rarely its
+# pattern); with the feed-forward layers it learns both.
+TOY_STEPS = 250
+TOY_LR = 1e-2
+TOY_IMAGES = 8
+TOY_TRAIN = {"targets": "attn_ff", "rank": 4}
+
+
+def needs_prior(bank: ConceptBank | None, config: TrainConfig) -> bool:
+    """Whether training ``config`` into ``bank`` reads trigger-free batches: for the base model's statistics
+    (concept 0, once per bank) or for the prior-preservation loss."""
+    return bank is None or not bank.prior or config.prior_loss_weight > 0
+
+
+def train_from_folder(
+    pipe,
+    folder: str | Path,
+    trigger: str,
+    config: TrainConfig,
+    bank: ConceptBank | None = None,
+    *,
+    resolution: int | None = None,
+    caption_template: str = "a photo of {trigger}",
+    batch_size: int = 1,
+    callbacks: TrainCallbacks | None = None,
+) -> ConceptBank:
+    """Learn one concept from ``folder`` into ``bank`` (None: a new bank) and return the new bank.
+
+    Images are read at ``resolution`` (default: the pipeline's own) with the dataset's caption rules; the
+    data order and noise follow ``config.seed``. The trigger-free prior is the toy world's own scenes
+    when ``config.architecture`` is ``"toy"``, else the concept's images with the trigger removed from
+    their captions; it is prepared only when the training reads it (:func:`needs_prior`).
+    """
+    resolution = resolution or native_resolution(pipe)
+    dataset = ConceptDataset.from_folder(folder, trigger, caption_template, resolution)
+    data = DiffusersConceptData(pipe, dataset, batch_size=batch_size, seed=config.seed)
+    prior: BatchFn | None = None
+    if needs_prior(bank, config):
+        prior = toy_prior_data(pipe, seed=config.seed).batches if config.architecture == TOY else data.prior_batches
+    # the loss is looked up when called, so a test can wrap it
+    return train_concept(pipe.unet, diffusers_backend.diffusion_loss, data.batches, config, bank, prior, callbacks)
+
+
+def learn_toy_concept(
+    pipe,
+    bank: ConceptBank | None,
+    k: int,
+    folder: Path,
+    method: str = "seqlora",
+    steps: int = 150,
+    lr: float = 3e-3,
+    seed: int = 0,
+    images: int = 8,
+    stats_batches: int = 4,
+    callbacks: TrainCallbacks | None = None,
+    batch_size: int = 4,
+    **config,
+) -> ConceptBank:
+    """Toy concept ``k``: write its images to ``folder`` (if absent), learn it into ``bank``, return the new bank.
+
+    ``config`` overrides further ``TrainConfig`` fields (``rank``, ``targets``, ``rho``, ...)."""
+    trigger = trigger_word(k)
+    if not folder.exists():
+        write_concept_folder(k, folder, n=images, seed=seed)
+    settings = dict(rank=4, stats_batches=stats_batches, layer_naming="diffusers", architecture=TOY) | config
+    cfg = TrainConfig(name=trigger, triggers=[trigger], method=method, steps=steps, lr=lr, seed=seed, **settings)
+    return train_from_folder(pipe, folder, trigger, cfg, bank, batch_size=batch_size, callbacks=callbacks)

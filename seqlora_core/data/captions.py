@@ -1,0 +1,73 @@
+"""Caption rules, shared by the command line, the dataset reader and the ComfyUI nodes.
+
+- Reading a caption file: UTF-8 with or without a byte-order mark, or UTF-16/UTF-32 with one (what
+  Windows editors write as "Unicode"); undecodable bytes become U+FFFD instead of failing.
+- The training caption: the caption (or the template when it is empty) with the trigger prepended when
+  it lacks it (whole words, case-insensitive).
+- The prior caption: the caption with the trigger removed (or replaced by a class word).
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+import re
+from pathlib import Path
+
+# longest first: the UTF-32 LE mark starts with the UTF-16 LE one
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
+
+
+def decode_caption(data: bytes) -> str:
+    """Caption bytes -> text: the encoding its byte-order mark names (the mark dropped), else UTF-8."""
+    for bom, encoding in _BOMS:
+        if data.startswith(bom):
+            return data.decode(encoding, errors="replace")
+    return data.decode("utf-8", errors="replace")
+
+
+def read_caption(path: str | os.PathLike) -> str | None:
+    """The text of a caption file, or None when there is no such file."""
+    path = Path(path)
+    return decode_caption(path.read_bytes()) if path.is_file() else None
+
+
+def caption_line(text: str | None) -> str:
+    """A caption as one line with single spaces ("" for none): how captions travel one per line."""
+    return " ".join((text or "").split())
+
+
+def _trigger_pattern(trigger: str) -> re.Pattern[str]:
+    words = [re.escape(w) for w in trigger.split()]
+    return re.compile(r"(?<!\w)" + r"\s+".join(words) + r"(?!\w)", re.IGNORECASE)
+
+
+def _tidy(text: str) -> str:
+    text = " ".join(text.split())
+    text = re.sub(r"\s+([,.;:])", r"\1", text)
+    text = re.sub(r"([,;])(\s*[,;])+", r"\1", text)
+    return text.strip(" ,;")
+
+
+def make_caption(caption: str | None, trigger: str, template: str) -> str:
+    """The training caption: `template` if `caption` is empty, else `caption`; prepend the trigger.
+
+    Rule: a caption that does not contain the trigger (whole words, case-insensitive) becomes
+    `"{trigger}, {caption}"`.
+    """
+    text = _tidy(caption or "") or template.format(trigger=trigger)
+    if not _trigger_pattern(trigger).search(text):
+        text = f"{trigger}, {text}"
+    return text
+
+
+def make_prior_caption(caption: str, trigger: str, class_word: str | None = None) -> str:
+    """The caption without the trigger (every whole-word, case-insensitive occurrence removed, or
+    replaced by `class_word` when given), punctuation and spaces tidied. May be empty."""
+    return _tidy(_trigger_pattern(trigger).sub(class_word or "", caption))

@@ -1,0 +1,50 @@
+"""The selection grammar: which concepts of a bank to compose, and how strongly.
+
+``"dog:0.8, !hat:0.5, cat"``: items separated by commas (or new lines); ``name:strength`` with a
+strength that defaults to 1.0; a leading ``!`` keeps a concept listed but switched off (its strength is
+remembered for when it is switched on again). The last ``:`` separates the strength, so a name may hold
+``:``. The command line (``--concepts``), the ComfyUI loader (its ``concepts`` field) and the frontend
+(``web/seqlora.js``, checked for parity by the tests) all read this grammar.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+Item = tuple[str, float, bool]  # (name, strength, enabled)
+
+
+def parse_selection(text: str, field: str = "concepts") -> list[Item]:
+    """``'name:strength, !off:0.5, plain'`` -> ``[(name, strength, enabled), ...]`` in the given order.
+
+    ValueError (naming ``field``) on a strength that is not a number or an empty name.
+    """
+    out: list[Item] = []
+    for raw in text.replace("\n", ",").split(","):
+        item = raw.strip()
+        if not item:
+            continue
+        enabled = not item.startswith("!")
+        item = item.lstrip("!").strip()
+        name, sep, strength = item.rpartition(":")
+        if not sep:
+            name, strength = item, "1"
+        name = name.strip()
+        if not name:
+            raise ValueError(f"{field}: empty concept name in {raw.strip()!r}; write 'name:strength'")
+        try:
+            value = float(strength)
+        except ValueError:
+            raise ValueError(f"{field}: strength {strength.strip()!r} of {name!r} is not a number") from None
+        out.append((name, value, enabled))
+    return out
+
+
+def format_selection(items: Iterable[Item]) -> str:
+    """The text of parsed items (the inverse of :func:`parse_selection`)."""
+    return ", ".join(f"{'' if on else '!'}{name}:{s:g}" for name, s, on in items)
+
+
+def enabled_strengths(items: Iterable[Item]) -> dict[str, float]:
+    """Concept name -> strength of the items that are switched on."""
+    return {name: s for name, s, on in items if on}
