@@ -77,19 +77,24 @@ def write_tiny_tokenizer(folder: Path) -> Path:
     return folder
 
 
-def tiny_unet(seed: int = 0):
+def tiny_unet(seed: int = 0, **overrides):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    return UNet2DConditionModel(**UNET_CONFIG).eval()
+    return UNet2DConditionModel(**(UNET_CONFIG | overrides)).eval()
 
 
-def tiny_pipeline(tmp_path: Path, seed: int = 0):
-    """StableDiffusionPipeline with random tiny UNet/VAE/CLIP, a handmade tokenizer and DDIM."""
+def tiny_pipeline(
+    tmp_path: Path, seed: int = 0, context_dim: int = 32, text_layers: int = 5, prediction_type: str = "epsilon"
+):
+    """StableDiffusionPipeline with random tiny UNet/VAE/CLIP, a handmade tokenizer and DDIM.
+
+    ``context_dim``: the text encoder's width and the UNet's cross-attention width (SD2.x: 1024).
+    """
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    unet = tiny_unet(seed)
+    unet = tiny_unet(seed, cross_attention_dim=context_dim)
     torch.manual_seed(seed + 1)
     vae = AutoencoderKL(
         block_out_channels=[32, 64],
@@ -103,10 +108,10 @@ def tiny_pipeline(tmp_path: Path, seed: int = 0):
     )
     tokenizer = CLIPTokenizer.from_pretrained(write_tiny_tokenizer(tmp_path / "tokenizer"))
     text_config = CLIPTextConfig(
-        hidden_size=32,
+        hidden_size=context_dim,
         intermediate_size=37,
         num_attention_heads=4,
-        num_hidden_layers=5,
+        num_hidden_layers=text_layers,
         vocab_size=len(tokenizer),
         max_position_embeddings=77,
         bos_token_id=len(tokenizer) - 2,
@@ -121,6 +126,7 @@ def tiny_pipeline(tmp_path: Path, seed: int = 0):
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
+        prediction_type=prediction_type,
     )
     return StableDiffusionPipeline(
         vae=vae,

@@ -102,6 +102,22 @@ def test_generate_with_two_concepts(cli_bank):
         assert Image.open(out).size == (64, 64)
 
 
+def test_generate_reads_the_shared_selection_grammar(cli_bank):
+    """'!name:s' lists a concept but leaves it off, as in the ComfyUI loader; the command line used to read
+    '!zqx' as a concept called '!zqx' and fail."""
+    root, bank = cli_bank
+
+    def generate(concepts: str) -> bytes:
+        out = root / "sel.png"
+        args = ["generate", "--base", "tiny", "--bank", str(bank), "--concepts", concepts, "--steps", "2"]
+        assert main([*args, "--prompt", "sks dog wearing zqx hat", "--out", str(out)]) == 0
+        return Image.open(out).tobytes()
+
+    only_sks = generate("sks:1")
+    assert generate("sks:1, !zqx:0.8") == only_sks
+    assert generate("sks:1, zqx:0.8") != only_sks
+
+
 def test_missing_image_folder_is_a_clear_error(cli_bank, capsys, tmp_path):
     _, bank = cli_bank
     rc = main(
@@ -149,7 +165,8 @@ def test_unknown_concept_and_duplicate_name(cli_bank, capsys, tmp_path):
 
 def test_parse_selection():
     assert parse_selection("a:1.5, b ,c:-0.5") == {"a": 1.5, "b": 1.0, "c": -0.5}
-    with pytest.raises(SystemExit, match="not a number"):
+    assert parse_selection("a:1, !b:0.5, c") == {"a": 1.0, "c": 1.0}
+    with pytest.raises(SystemExit, match="--concepts: strength 'x' of 'a' is not a number"):
         parse_selection("a:x")
 
 

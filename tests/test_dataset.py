@@ -157,6 +157,29 @@ def test_caption_rules(tmp_path):
     ]
 
 
+@pytest.mark.parametrize(
+    "encoding", ["utf-8", "utf-8-sig", "utf-16", "utf-16-le-bom", "utf-16-be-bom", "utf-32"], ids=str
+)
+def test_caption_files_in_every_unicode_form_read_the_same(tmp_path, encoding):
+    """A .txt saved by a Windows editor ('UTF-8 with BOM', 'Unicode') reads as its text, without a mark.
+
+    The ComfyUI Image Folder node used to read captions on its own, as UTF-8 keeping the mark: a caption
+    with a byte-order mark trained as '\ufeff...' there, and UTF-16 captions were garbage everywhere."""
+    from seqlora_core.data.captions import caption_line, read_caption
+
+    text = "sks dog, grüne Wiese\r\nzweite Zeile"
+    marks = {"utf-16-le-bom": ("\ufeff", "utf-16-le"), "utf-16-be-bom": ("\ufeff", "utf-16-be")}
+    mark, codec = marks.get(encoding, ("", encoding))
+    save(noise_image(32, 32), tmp_path / "a.png")
+    (tmp_path / "a.txt").write_bytes((mark + text).encode(codec))
+    assert read_caption(tmp_path / "a.txt") == text
+    ds = ConceptDataset.from_folder(tmp_path, "sks", resolution=32)
+    assert ds.given_captions == [text]
+    assert ds.captions == ["sks dog, grüne Wiese zweite Zeile"]
+    assert caption_line(ds.given_captions[0]) == "sks dog, grüne Wiese zweite Zeile"  # the Image Folder node's line
+    assert read_caption(tmp_path / "missing.txt") is None
+
+
 def test_prior_caption_helpers():
     assert make_prior_caption("sks, a photo of sks", "sks") == "a photo of"
     assert make_prior_caption("a photo of ohwx man", "ohwx man", class_word="man") == "a photo of man"
