@@ -40,6 +40,7 @@ def cli_bank(tmp_path_factory):
     return root, bank
 
 
+@pytest.mark.slow
 def test_train_twice_then_report_json(cli_bank, capsys):
     _, bank = cli_bank
     capsys.readouterr()
@@ -51,6 +52,7 @@ def test_train_twice_then_report_json(cli_bank, capsys):
     assert all(v["used"] == 8 for v in rep["capacity"].values())
 
 
+@pytest.mark.slow
 def test_report_png(cli_bank):
     root, bank = cli_bank
     png = root / "heat.png"
@@ -59,6 +61,7 @@ def test_report_png(cli_bank):
         assert im.size[0] > 100 and im.size[1] > 60
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["kohya", "peft"])
 def test_export(cli_bank, fmt):
     root, bank = cli_bank
@@ -73,6 +76,7 @@ def test_export(cli_bank, fmt):
     assert keys and all(k.startswith("lora_unet_" if fmt == "kohya" else "unet.") for k in keys)
 
 
+@pytest.mark.slow
 def test_generate_with_two_concepts(cli_bank):
     root, bank = cli_bank
     for mode in ("merged", "bypass"):
@@ -102,6 +106,7 @@ def test_generate_with_two_concepts(cli_bank):
         assert Image.open(out).size == (64, 64)
 
 
+@pytest.mark.slow
 def test_generate_reads_the_shared_selection_grammar(cli_bank):
     """'!name:s' lists a concept but leaves it off, as in the ComfyUI loader; the command line used to read
     '!zqx' as a concept called '!zqx' and fail."""
@@ -118,6 +123,7 @@ def test_generate_reads_the_shared_selection_grammar(cli_bank):
     assert generate("sks:1, zqx:0.8") != only_sks
 
 
+@pytest.mark.slow
 def test_missing_image_folder_is_a_clear_error(cli_bank, capsys, tmp_path):
     _, bank = cli_bank
     rc = main(
@@ -140,6 +146,7 @@ def test_missing_image_folder_is_a_clear_error(cli_bank, capsys, tmp_path):
     assert "nowhere" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_unknown_concept_and_duplicate_name(cli_bank, capsys, tmp_path):
     root, bank = cli_bank
     assert main(["export", "--bank", str(bank), "--concept", "nope", "--out", str(tmp_path / "x.safetensors")]) == 2
@@ -170,6 +177,7 @@ def test_parse_selection():
         parse_selection("a:x")
 
 
+@pytest.mark.slow
 def test_interrupted_training_resumes_to_the_same_bank(tmp_path, monkeypatch):
     import seqlora_core.backends.diffusers_backend as backend
     from seqlora_core import ConceptBank

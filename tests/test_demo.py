@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from PIL import Image
 
 from seqlora_core import ConceptBank
 from seqlora_core.apps.cli import main
+
+pytestmark = pytest.mark.slow  # trains models end to end
 
 
 def test_demo_writes_grid_heatmap_summary_and_bank(tmp_path):

@@ -123,6 +123,7 @@ def test_latent_sample_mode_is_seeded_per_step(sd_eps, dataset):
         DiffusersConceptData(sd_eps, dataset, latent_mode="mode")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sd_eps", "sd_v"])
 def test_loss_is_deterministic_and_trainable(kind, dataset, request):
     pipe = request.getfixturevalue(kind)
@@ -177,6 +178,7 @@ def test_sdxl_tiny_batches_and_loss(dataset):
     assert math.isfinite(loss.item()) and loss.item() == diffusion_loss(pipe.unet, data.batches(0)).item()
 
 
+@pytest.mark.slow
 def test_load_pipeline_round_trips_a_saved_folder(sd_v, dataset, tmp_path):
     sd_v.save_pretrained(tmp_path / "tiny_v")
     loaded = load_pipeline(tmp_path / "tiny_v")
@@ -224,6 +226,7 @@ def test_single_file_without_cached_configs_never_downloads(tmp_path, monkeypatc
         load_pipeline(tmp_path / "m.safetensors")
 
 
+@pytest.mark.slow
 def test_generate_is_seeded(sd_eps):
     a = generate(sd_eps, "a photo of sks", seed=1, steps=2, guidance=3.0)
     b = generate(sd_eps, "a photo of sks", seed=1, steps=2, guidance=3.0)

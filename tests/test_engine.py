@@ -129,6 +129,7 @@ def test_full_layer_turns_soft_and_says_so():
     assert all(v["soft"] == ["c2"] and v["used"] == 32 for v in cap.values())
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_bank(tmp_path):
     ck = str(tmp_path / "c0.partial.safetensors")
     unet = tiny_unet()
@@ -168,6 +169,7 @@ def test_interrupted_run_resumes_to_the_same_bank(tmp_path):
     assert not (tmp_path / "c0.partial.safetensors").exists(), "a finished concept removes its checkpoint"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "sequential", "ortho_frozen", "joint", "fusion"])
 def test_baselines_train_and_compose(method):
     unet = tiny_unet()
@@ -230,6 +232,7 @@ def test_bank_from_other_model_is_rejected(four_concepts):
     assert isinstance(bank, ConceptBank)
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_gives_the_same_concept():
     plain = _train(tiny_unet(), None, 0, steps=3)
     unet = tiny_unet()
@@ -240,6 +243,7 @@ def test_gradient_checkpointing_gives_the_same_concept():
         assert torch.allclose(cl.B, other.B, atol=1e-6), name
 
 
+@pytest.mark.slow
 def test_prior_loss_keeps_trigger_free_outputs_closer_to_the_base():
     unet = tiny_unet()
     c = ToyConcept(0)

@@ -16,6 +16,8 @@ from seqlora_core.interop.bank_lora import export_concept, import_lora
 from seqlora_core.interop.lora_read import read_lora_file
 from seqlora_core.interop.naming import diffusers_to_ldm_map
 
+pytestmark = pytest.mark.slow  # trains models end to end
+
 TOL = 1e-5  # max |diffusers-loaded - our merged| UNet output, fp32 files
 
 

@@ -11,6 +11,8 @@ import torch
 from seqlora_core import TrainConfig, build_report, train_concept
 from seqlora_core.toy.linear_world import LinearWorld
 
+pytestmark = pytest.mark.slow  # trains models end to end
+
 
 def run(world: LinearWorld, method: str, steps: int = 200, budget: float = 0.05) -> dict:
     model = world.model()

@@ -69,6 +69,7 @@ def test_generation_is_deterministic(pipe):
     assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_prompts_steer_colour_and_position(pipe):
     prompts = ["a big red square in the center"] * 3 + ["a big blue square in the center"] * 3
     images = generate(pipe, prompts, seed=1)
@@ -120,6 +121,7 @@ def test_identity_classifier_validated():
         identity_scores(noise[:2], [0, N_IDENTITY])
 
 
+@pytest.mark.slow
 def test_toy_prior_is_the_base_worlds_own_scenes(pipe, tmp_path):
     from seqlora_core.apps.recipes import learn_toy_concept
     from seqlora_core.toy.evaluation import toy_prior_data

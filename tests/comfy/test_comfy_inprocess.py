@@ -29,6 +29,17 @@ def test_pack_registers_nodes_from_the_schema(pack) -> None:
         assert hasattr(cls, cls.FUNCTION)
 
 
+def test_image_folder_captions_drop_the_byte_order_mark(pack, comfy_models: Path) -> None:
+    """Captions saved as 'UTF-8 with BOM' or 'Unicode' (UTF-16) come out as their text: the node used to
+    read them on its own as UTF-8 and train on '\ufeff...'."""
+    folder = make_images(comfy_models / "input" / "bom", 2, size=64, seed=3)
+    (folder / "img_00.txt").write_bytes("\ufeffzq bom, first".encode())
+    (folder / "img_01.txt").write_bytes("\ufeffzq bom, second".encode("utf-16-le"))
+    with torch.inference_mode():
+        _, captions, count = pack.NODE_CLASS_MAPPINGS["SeqLoRAImageFolder"]().run("bom", 64)
+    assert count == 2 and captions.split("\n") == ["zq bom, first", "zq bom, second"]
+
+
 @pytest.fixture(scope="module")
 def trained(pack, tiny_loaded, comfy_models: Path):
     """Two concepts trained through the Train node (a few steps, 64 px), as ComfyUI would run them."""
