@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "comfy"))
+sys.path.insert(0, str(ROOT / "tools"))
 
 import comfy_harness as h  # noqa: E402
 

@@ -106,6 +106,25 @@ def _workflows():
     return sorted((ROOT / "workflows").glob("*.json"))
 
 
+def test_example_workflows_are_a_copy_of_workflows(tmp_path: Path) -> None:
+    """ComfyUI's template browser reads example_workflows/; workflows/ is the source. Run
+    `python tools/sync_example_workflows.py` after editing a workflow."""
+    spec = importlib.util.spec_from_file_location("_sync_workflows", ROOT / "tools" / "sync_example_workflows.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.differences() == [], "run: python tools/sync_example_workflows.py"
+    # the tool itself: a stale copy is brought back in line
+    src, copy = tmp_path / "src", tmp_path / "copy"
+    src.mkdir()
+    copy.mkdir()
+    (src / "a.json").write_text("{}")
+    (copy / "a.json").write_text('{"old": 1}')
+    (copy / "gone.json").write_text("{}")
+    assert len(tool.differences(src, copy)) == 2
+    tool.sync(src, copy)
+    assert tool.differences(src, copy) == [] and sorted(p.name for p in copy.iterdir()) == ["a.json"]
+
+
 def test_there_are_three_example_workflows() -> None:
     names = {p.stem for p in _workflows()}
     assert {"seqlora_train_three_concepts", "seqlora_compose_regions", "seqlora_add_concept_to_bank"} <= names

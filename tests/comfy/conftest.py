@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from comfy_harness import (
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))  # comfy_harness
+
+from comfy_harness import (  # noqa: E402
     SD15_CHECKPOINT,
     ComfyServer,
     build_tiny_checkpoint,

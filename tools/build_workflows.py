@@ -1,6 +1,7 @@
-"""Regenerate the UI-format example workflows in ``workflows/`` from a live server's /object_info.
+"""Regenerate the UI-format example workflows in ``workflows/`` from a live server's /object_info, then
+copy them to ``example_workflows/`` (what ComfyUI's template browser reads) with ``sync_example_workflows``.
 
-Usage: ``COMFYUI_PATH=/path/to/ComfyUI python tests/comfy/build_workflows.py`` (with the ComfyUI
+Usage: ``COMFYUI_PATH=/path/to/ComfyUI python tools/build_workflows.py`` (with the ComfyUI
 environment's Python). The files are committed; tests load them as they are.
 """
 
@@ -15,6 +16,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 
 from comfy_harness import REPO_ROOT, SD15_CHECKPOINT, ComfyServer, UIGraph, validate_ui_workflow  # noqa: E402
+from sync_example_workflows import sync  # noqa: E402
 
 BANK_FILE = "my_concepts.safetensors"
 NEGATIVE = "blurry, low quality"
@@ -236,6 +238,8 @@ def main() -> int:
                 return 1
             (out_dir / name).write_text(json.dumps(wf, indent=1) + "\n")
             print("wrote", out_dir / name)
+    for path in sync():
+        print("copied to", path)
     return 0
 
 

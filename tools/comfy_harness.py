@@ -1,4 +1,5 @@
-"""Test utilities for running SeqLoRA against a real ComfyUI checkout.
+"""Running SeqLoRA against a real ComfyUI checkout: shared by the tests in ``tests/comfy``, the benchmark
+``bench/comfy_trainer_ratio.py`` and ``tools/build_workflows.py``.
 
 Two tiers share this module:
 
@@ -13,8 +14,8 @@ torch and torchvision in the running interpreter) every ComfyUI test is skipped 
 Nothing here writes into the ComfyUI checkout or the repository: models, outputs and the tiny
 checkpoint live in temporary folders.
 
-This folder is deliberately not a Python package: pytest would import it as a top-level package
-named ``comfy`` and shadow ComfyUI's own ``comfy`` package.
+Callers put ``tools/`` on ``sys.path`` and ``import comfy_harness`` (``tests/comfy`` is deliberately not
+a Python package: pytest would import it as a top-level package named ``comfy`` and shadow ComfyUI's own).
 """
 
 from __future__ import annotations
@@ -37,10 +38,8 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 SKIP_REASON = "set COMFYUI_PATH to a ComfyUI checkout whose Python has torch+torchvision; see README"
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 PACK_DIR_NAME = "seqlora"
 PACK_MODULE = "seqlora_pack"
 SD15_CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
@@ -77,6 +76,8 @@ def require_comfyui() -> Path:
     """Return the ComfyUI checkout or skip the calling test with a clear reason."""
     why = missing_requirements()
     if why is not None:
+        import pytest
+
         pytest.skip(why)
     path = comfyui_path()
     assert path is not None
