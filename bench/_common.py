@@ -1,4 +1,5 @@
-"""Shared bench helpers: machine facts for result files, SD1.5-width denoisers, synthetic banks."""
+"""Shared bench helpers: machine facts for result files, SD1.5-width denoisers, synthetic banks, the
+tables of docs/benchmarks.md."""
 
 from __future__ import annotations
 
@@ -118,16 +119,19 @@ def _random_sketch(n: int, k: int, g: torch.Generator) -> Sketch:
     return Sketch(u.contiguous(), s.contiguous(), float(s.sum()) * 1.01)
 
 
-def update_readme(tag: str, markdown: str) -> bool:
-    """Replace the README's text between ``<!-- bench:TAG -->`` and ``<!-- /bench:TAG -->``; False if absent."""
-    readme = ROOT / "README.md"
-    text = readme.read_text()
+BENCHMARKS_DOC = ROOT / "docs" / "benchmarks.md"
+
+
+def update_tables(tag: str, markdown: str, doc: Path = BENCHMARKS_DOC) -> bool:
+    """Replace the text between ``<!-- bench:TAG -->`` and ``<!-- /bench:TAG -->`` in docs/benchmarks.md;
+    False if the markers are absent."""
+    text = doc.read_text()
     start, end = f"<!-- bench:{tag} -->", f"<!-- /bench:{tag} -->"
     if start not in text or end not in text:
         return False
     head, rest = text.split(start, 1)
     _, tail = rest.split(end, 1)
-    readme.write_text(f"{head}{start}\n{markdown.strip()}\n{end}{tail}")
+    doc.write_text(f"{head}{start}\n{markdown.strip()}\n{end}{tail}")
     return True
 
 

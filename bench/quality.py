@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import RESULTS, PeakRSS, bank_costs, parse_args, update_readme, write_result
+from _common import RESULTS, PeakRSS, bank_costs, parse_args, update_tables, write_result
 from plots import plot_quality
 
 from seqlora_core import build_report, compose
@@ -229,8 +229,8 @@ def write_summary(tag: str, rows: list[dict], extra: dict) -> Path:
     print("\n" + table(summary))
     path = write_result(tag, {"how": __doc__, **extra, "summary": summary, "runs": rows})
     (RESULTS / f"{tag}.md").write_text(table(summary) + "\n")
-    if update_readme(tag, table(summary)):
-        print(f"updated the README's {tag} table")
+    if update_tables(tag, table(summary)):
+        print(f"updated the {tag} table in docs/benchmarks.md")
     for png in plot_quality(summary, RESULTS / tag):
         print(f"wrote {png}")
     return path

@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from _common import RESULTS, PeakRSS, bank_costs, parse_args, sd15_unet, update_readme, write_result
+from _common import RESULTS, PeakRSS, bank_costs, parse_args, sd15_unet, update_tables, write_result
 from plots import line_chart
 
 from seqlora_core import build_report
@@ -180,8 +180,8 @@ def main() -> None:
     (RESULTS / f"{tag}.md").write_text(md)
     for png in plots(results, RESULTS / tag):
         print(f"wrote {png}")
-    if update_readme(tag, md):
-        print(f"updated the README's {tag} table")
+    if update_tables(tag, md):
+        print(f"updated the {tag} table in docs/benchmarks.md")
     print(f"wrote {path}")
 
 

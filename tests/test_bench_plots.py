@@ -1,4 +1,5 @@
-"""The bench's Pillow charts: one coloured line per method, axes labelled, written as PNG."""
+"""The bench helpers: Pillow charts (one coloured line per method, axes labelled) and the tables they
+write into docs/benchmarks.md."""
 
 from __future__ import annotations
 
@@ -32,3 +33,16 @@ def test_quality_plots_draw_every_method(tmp_path):
     img = np.asarray(Image.open(paths[0]).convert("RGB"))
     for method in ("seqlora", "ortho_frozen"):
         assert (np.abs(img.astype(int) - COLOURS[method]).sum(-1) == 0).sum() > 50, method
+
+
+def test_bench_tables_land_between_their_markers_in_docs_benchmarks(tmp_path):
+    from _common import BENCHMARKS_DOC, update_tables
+
+    text = BENCHMARKS_DOC.read_text()
+    for tag in ("quality", "scale_101"):
+        assert f"<!-- bench:{tag} -->" in text and f"<!-- /bench:{tag} -->" in text, tag
+    doc = tmp_path / "b.md"
+    doc.write_text("intro\n<!-- bench:q -->\nold\n<!-- /bench:q -->\nafter\n")
+    assert update_tables("q", "| new |\n", doc)
+    assert doc.read_text() == "intro\n<!-- bench:q -->\n| new |\n<!-- /bench:q -->\nafter\n"
+    assert not update_tables("absent", "x", doc)
