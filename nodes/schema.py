@@ -12,6 +12,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..seqlora_core.data.captions import DEFAULT_TEMPLATE
+
 CATEGORY = "SeqLoRA"
 BANK = "SEQLORA_BANK"
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
@@ -215,7 +217,7 @@ TRAIN = NodeSpec(
             "caption_template",
             "STRING",
             "Caption for images without one; {trigger} is replaced by the trigger words.",
-            default="a photo of {trigger}",
+            default=DEFAULT_TEMPLATE,
         ),
         Inp(
             "bank",

@@ -8,7 +8,10 @@ import logging
 import sys
 from pathlib import Path
 
+from ..data.captions import DEFAULT_TEMPLATE
 from ..method import selection
+from ..method.methods import METHODS
+from ..method.targets import PRESETS
 from .bases import BASES_HELP, TOY
 
 
@@ -181,13 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--bank", required=True, help="bank file (.safetensors)")
     t.add_argument("--name", help="concept name (default: the first trigger word)")
     t.add_argument(
-        "--method", default="seqlora", help="seqlora (default), lora, sequential, ortho_frozen, joint, fusion"
+        "--method", default="seqlora", help=f"{', '.join(METHODS)} (default seqlora; the others are baselines)"
     )
     t.add_argument("--rank", type=int, default=4)
     t.add_argument("--steps", type=int, default=500)
     t.add_argument("--lr", type=float, default=1e-4, help="learning rate of the up factor (basis: 0.1x)")
     t.add_argument("--budget", type=float, default=0.05, help="interference budget eps (relative)")
-    t.add_argument("--targets", default="attn", help="attn (default), cross_kv, attn_ff, all_linear, or name patterns")
+    t.add_argument("--targets", default="attn", help=f"{', '.join(PRESETS)} (default attn), or name patterns")
     t.add_argument(
         "--context",
         choices=["stacked", "base"],
@@ -197,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--batch-size", type=int, default=1)
     t.add_argument("--resolution", type=int, default=None, help="training resolution (default: the model's)")
-    t.add_argument("--caption-template", default="a photo of {trigger}", help="caption for images without .txt")
+    t.add_argument("--caption-template", default=DEFAULT_TEMPLATE, help="caption for images without .txt")
     t.add_argument("--checkpoint-every", type=int, default=50, help="save resumable progress every N steps")
     t.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")

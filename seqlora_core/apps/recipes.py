@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..backends import diffusers_backend
 from ..backends.diffusers_backend import DiffusersConceptData, native_resolution
+from ..data.captions import DEFAULT_TEMPLATE
 from ..data.dataset import ConceptDataset
 from ..method.bank import ConceptBank
 from ..method.trainer import BatchFn, TrainCallbacks, TrainConfig, train_concept
@@ -43,7 +44,7 @@ def train_from_folder(
     bank: ConceptBank | None = None,
     *,
     resolution: int | None = None,
-    caption_template: str = "a photo of {trigger}",
+    caption_template: str = DEFAULT_TEMPLATE,
     batch_size: int = 1,
     callbacks: TrainCallbacks | None = None,
 ) -> ConceptBank:

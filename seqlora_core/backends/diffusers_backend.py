@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.dataset import ConceptDataset
+from ..interop.families import SDXL, family_from_diffusers
 
 OPTIONAL_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
 _HOW = (
@@ -172,7 +173,7 @@ def _cached_config(repo: str, path: Path) -> str:
 
 def is_sdxl(pipe: Any) -> bool:
     """True for pipelines whose UNet takes SDXL's pooled text embeddings and time ids."""
-    return getattr(pipe.unet.config, "addition_embed_type", None) == "text_time"
+    return family_from_diffusers(pipe.unet.config) == SDXL
 
 
 def training_scheduler(pipe: Any) -> Any:

@@ -14,6 +14,8 @@ import os
 import re
 from pathlib import Path
 
+DEFAULT_TEMPLATE = "a photo of {trigger}"  # the caption of an image without one
+
 # longest first: the UTF-32 LE mark starts with the UTF-16 LE one
 _BOMS = (
     (codecs.BOM_UTF32_LE, "utf-32"),

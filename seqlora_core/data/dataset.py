@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .captions import make_caption, make_prior_caption, read_caption
+from .captions import DEFAULT_TEMPLATE, make_caption, make_prior_caption, read_caption
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 RESIZE_MODES = ("center_crop", "bucket")
@@ -98,7 +98,7 @@ class ConceptDataset:
         cls,
         path: str | Path,
         trigger: str,
-        caption_template: str = "a photo of {trigger}",
+        caption_template: str = DEFAULT_TEMPLATE,
         resolution: int = 512,
         resize: str = "center_crop",
         class_word: str | None = None,
