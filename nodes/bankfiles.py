@@ -1,4 +1,5 @@
-"""Bank files inside ComfyUI: the ``models/seqlora`` folder and cheap header reads for the UI."""
+"""Bank files inside ComfyUI: the ``models/seqlora`` folder and what the UI shows of a bank's header
+(read by ``seqlora_core.method.bank.read_bank_header``)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import folder_paths
-
-from ..seqlora_core.method.bank import read_bank_header
 
 FOLDER = "seqlora"
 EXTENSIONS = {".safetensors"}
@@ -51,12 +50,6 @@ def autosave_dir() -> Path:
     d = bank_dir() / AUTOSAVE_DIR
     d.mkdir(parents=True, exist_ok=True)
     return d
-
-
-def read_header(path: Path) -> dict[str, Any]:
-    """The bank's JSON header without reading its tensors; ValueError (BankFormatError) for a file that is
-    not a bank."""
-    return read_bank_header(path)
 
 
 def bank_summary(header: dict[str, Any]) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from ..seqlora_core.method.bank import read_bank_header
 from . import bankfiles
 
 
@@ -14,7 +15,7 @@ async def bank_info(request: web.Request) -> web.Response:
         return web.json_response({"error": "missing ?file=<bank file in models/seqlora>"}, status=400)
     try:
         path = bankfiles.bank_path(name)
-        info = bankfiles.bank_summary(bankfiles.read_header(path))
+        info = bankfiles.bank_summary(read_bank_header(path))
     except FileNotFoundError as e:
         return web.json_response({"error": str(e)}, status=404)
     except (OSError, ValueError) as e:

@@ -106,6 +106,29 @@ def test_truncated_file_is_a_clear_error(bank_and_unet, tmp_path):
         ConceptBank.load(path)
 
 
+def test_header_reads_without_the_tensors_with_the_same_errors(bank_and_unet, tmp_path):
+    """One header reader for the bank and the ComfyUI file list (it used to have its own copy)."""
+    from seqlora_core.method.bank import read_bank_header
+
+    bank, _ = bank_and_unet
+    path = tmp_path / "bank.safetensors"
+    bank.save(path)
+    header = read_bank_header(path)
+    assert [c["name"] for c in header["concepts"]] == ["c0", "c1"] and header["fingerprint"] == bank.fingerprint
+    _rewrite_header(path, lambda h: h.update(schema_version=99))
+    assert read_bank_header(path)["schema_version"] == 99  # a file browser still lists a newer bank
+    with pytest.raises(BankVersionError):
+        read_bank_header(path, check_version=True)
+    path.write_bytes(path.read_bytes()[:20])
+    with pytest.raises(BankFormatError, match="corrupt or truncated"):
+        read_bank_header(path)
+    save_file({"x": torch.zeros(2)}, str(path))
+    with pytest.raises(BankFormatError, match="not a SeqLoRA bank"):
+        read_bank_header(path)
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        read_bank_header(tmp_path / "nope.safetensors")
+
+
 def test_missing_file_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
         ConceptBank.load(tmp_path / "nope.safetensors")
