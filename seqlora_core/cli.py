@@ -63,7 +63,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     data = DiffusersConceptData(pipe, dataset, batch_size=args.batch_size, seed=args.seed)
     cfg = TrainConfig(
         name=name, triggers=[args.trigger], method=args.method, rank=args.rank, steps=args.steps, lr=args.lr,
-        budget=args.budget, targets=args.targets, context=args.context, seed=args.seed,
+        budget=args.budget, targets=args.targets, context=args.context, seed=args.seed, protect=args.protect,
+        stats_batches=args.stats_batches or max(4, -(-16 // args.batch_size)),
         checkpoint_path=str(bank_path.with_name(f"{bank_path.stem}.{name}.partial.safetensors")),
         checkpoint_every=args.checkpoint_every, layer_naming="diffusers", architecture=_architecture(args.base, pipe),
     )
@@ -93,6 +94,10 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"bank {bank_path} now holds {len(new_bank.concepts)} concepts: {', '.join(new_bank.names())}")
     if c.info.get("soft_layers"):
         print(f"note: {len(c.info['soft_layers'])} layers were full; orthogonality there is a penalty only")
+    if c.info.get("budget") and not c.info["budget"]["met"]:
+        from .trainer import budget_message
+
+        print(f"warning: {budget_message(c.info['budget'])}")
     return 0
 
 
@@ -203,6 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, default=500)
     t.add_argument("--lr", type=float, default=1e-4, help="learning rate of the up factor (basis: 0.1x)")
     t.add_argument("--budget", type=float, default=0.05, help="interference budget eps (relative)")
+    t.add_argument("--protect", choices=["adaptive", "off"], default="adaptive",
+                   help="keep the new basis out of the earlier concepts' and the base's top-energy input directions "
+                        "(adaptive, default) or only orthogonal to earlier bases (off)")
+    t.add_argument("--stats-batches", type=int, default=None,
+                   help="batches per activation-statistics pass (default: at least 16 images, at least 4 batches)")
     t.add_argument("--targets", default="attn", help="attn (default), cross_kv, attn_ff, all_linear, or name patterns")
     t.add_argument("--context", choices=["stacked", "base"], default=None, help="train on top of earlier concepts "
                    "(stacked, SeqLoRA's default) or on the base model")

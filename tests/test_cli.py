@@ -105,7 +105,7 @@ def test_interrupted_training_resumes_to_the_same_bank(tmp_path, monkeypatch):
 
     images = make_images(tmp_path / "c", 3)
     args = ["train", "--base", "tiny", "--images", str(images), "--trigger", "sks dog", "--steps", "6",
-            "--lr", "5e-3", "--checkpoint-every", "2", "--quiet"]
+            "--lr", "5e-3", "--checkpoint-every", "2", "--stats-batches", "2", "--quiet"]
     assert main([*args, "--bank", str(tmp_path / "straight.safetensors")]) == 0
 
     real = backend.diffusion_loss
