@@ -65,7 +65,7 @@ class TrainConfig:
     method: str = "seqlora"
     rank: int = 4
     steps: int = 500
-    lr: float = 1e-4  # step size of the up factor at rank 1; rank r steps lr / sqrt(r) (rank-independent updates)
+    lr: float = 1e-4  # step size at rank 1: rank r steps the up factor (and a free basis) by lr / sqrt(r)
     rho: float = 0.1
     weight_decay: float = 0.0  # gamma of the lower level
     prior_loss_weight: float = 0.0  # > 0: add this times the loss on ``prior_batches`` (prior preservation)
@@ -499,7 +499,7 @@ class _Run:
             if method.basis == "learned" and g.A.grad is not None:
                 self._riemannian_step(g, pen)
             elif method.basis == "free" and g.A.grad is not None:
-                g.A.sub_(cfg.lr * g.opt_a.direction(g.A.grad))
+                g.A.sub_(cfg.lr / math.sqrt(cfg.rank) * g.opt_a.direction(g.A.grad))
         if method.constrained:
             self.last_interference = tuple(self._interference_acc)
 
