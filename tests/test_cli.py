@@ -197,6 +197,8 @@ def test_interrupted_training_resumes_to_the_same_bank(tmp_path, monkeypatch):
         "5e-3",
         "--checkpoint-every",
         "2",
+        "--stats-batches",
+        "2",
         "--quiet",
     ]
     assert main([*args, "--bank", str(tmp_path / "straight.safetensors")]) == 0

@@ -267,7 +267,14 @@ def test_prior_loss_keeps_trigger_free_outputs_closer_to_the_base():
     changes = {}
     for weight in (0.0, 4.0):
         cfg = TrainConfig(
-            name="c0", triggers=["tok0"], rank=4, steps=30, lr=1e-2, stats_batches=2, prior_loss_weight=weight
+            name="c0",
+            triggers=["tok0"],
+            rank=4,
+            steps=30,
+            lr=2e-2,
+            stats_batches=2,
+            prior_loss_weight=weight,
+            protect="off",
         )
         changes[weight] = prior_change(train_concept(unet, loss, c.batches(), cfg, None, lambda step: prior))
     assert changes[4.0] < 0.7 * changes[0.0], changes  # measured 0.46x

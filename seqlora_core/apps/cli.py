@@ -49,6 +49,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         targets=args.targets,
         context=args.context,
         seed=args.seed,
+        protect=args.protect,
+        stats_batches=args.stats_batches or max(4, -(-16 // args.batch_size)),
         checkpoint_path=str(bank_path.with_name(f"{bank_path.stem}.{name}.partial.safetensors")),
         checkpoint_every=args.checkpoint_every,
         layer_naming="diffusers",
@@ -87,6 +89,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     if c.info.get("soft_layers"):
         print(f"note: {len(c.info['soft_layers'])} layers were full; orthogonality there is a penalty only")
+    if c.info.get("budget") and not c.info["budget"]["met"]:
+        from ..method.trainer import budget_message
+
+        print(f"warning: {budget_message(c.info['budget'])}")
     return 0
 
 
@@ -196,6 +202,19 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["stacked", "base"],
         default=None,
         help="train on top of earlier concepts (stacked, SeqLoRA's default) or on the base model",
+    )
+    t.add_argument(
+        "--protect",
+        choices=["adaptive", "off"],
+        default="adaptive",
+        help="keep the new basis out of the earlier concepts' and the base's top-energy input directions "
+        "(adaptive, default) or only orthogonal to earlier bases (off)",
+    )
+    t.add_argument(
+        "--stats-batches",
+        type=int,
+        default=None,
+        help="batches per activation-statistics pass (default: at least 16 images and at least 4 batches)",
     )
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--batch-size", type=int, default=1)

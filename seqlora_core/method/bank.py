@@ -19,7 +19,8 @@ from ..files import atomic_write_bytes
 from .stats import Sketch
 from .targets import LayerSpec, layer_spec
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1 lacks protection records and exact interference
 FORMAT_TAG = "seqlora-bank"
 
 
@@ -52,6 +53,7 @@ class ConceptLayer:
     sketch: Sketch | None = None
     soft: bool = False  # True where the layer was full and orthogonality was a penalty only
     moment: torch.Tensor | None = None  # full n x n second moment (kept by the fusion baseline only)
+    protection: dict | None = None  # activation-space protection at training: protected dims, energy, free dims
 
 
 @dataclass
@@ -268,10 +270,10 @@ def _parse_header(path: Path, head: bytes, size: int, check_version: bool) -> di
     except json.JSONDecodeError as e:
         raise BankFormatError(f"bank file {str(path)!r}: unreadable header ({e})") from e
     version = header.get("schema_version")
-    if check_version and version != SCHEMA_VERSION:
+    if check_version and version not in READABLE_VERSIONS:
         raise BankVersionError(
-            f"bank file {str(path)!r} has schema version {version!r}; this SeqLoRA reads version "
-            f"{SCHEMA_VERSION}. Update SeqLoRA to open it."
+            f"bank file {str(path)!r} has schema version {version!r}; this SeqLoRA reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}. Update SeqLoRA to open it."
         )
     return header
 
@@ -298,6 +300,8 @@ def _encode(bank: ConceptBank) -> tuple[dict[str, torch.Tensor], dict]:
             tensors[f"{p}.A"] = cl.A.detach().float().cpu().clone()
             tensors[f"{p}.B"] = cl.B.detach().float().cpu().clone()
             entry: dict = {"soft": cl.soft}
+            if cl.protection is not None:
+                entry["protection"] = cl.protection
             if cl.sketch is not None:
                 _sketch_tensors(p, cl.sketch, tensors)
                 entry["trace"] = cl.sketch.trace
@@ -344,9 +348,14 @@ def _decode(header: dict, tensors: dict[str, torch.Tensor]) -> ConceptBank:
             p = f"c{ci}.{li}"
             sketch = None
             if f"{p}.U" in tensors:
-                sketch = Sketch(tensors[f"{p}.U"], tensors[f"{p}.s"], entry.get("trace", 0.0))
+                sketch = Sketch(tensors[f"{p}.U"], tensors[f"{p}.s"], entry.get("trace", float("nan")))
             cls[layers[li].name] = ConceptLayer(
-                tensors[f"{p}.A"], tensors[f"{p}.B"], sketch, entry.get("soft", False), tensors.get(f"{p}.S")
+                tensors[f"{p}.A"],
+                tensors[f"{p}.B"],
+                sketch,
+                entry.get("soft", False),
+                tensors.get(f"{p}.S"),
+                entry.get("protection"),
             )
         concepts.append(
             Concept(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -87,3 +89,39 @@ def kaiming_rows(n: int, r: int, generator: torch.Generator) -> torch.Tensor:
     """kohya's lora_down init (kaiming-uniform with a = sqrt(5)): U(-1/sqrt(n), 1/sqrt(n))."""
     bound = 1.0 / n**0.5
     return (torch.rand(r, n, generator=generator) * 2 - 1) * bound
+
+
+def complement_basis(q: torch.Tensor | None, n: int) -> torch.Tensor:
+    """An orthonormal basis (n x (n - K)) of the complement of span(Q) (float64)."""
+    if q is None or q.shape[1] == 0:
+        return torch.eye(n, dtype=torch.float64)
+    k = q.shape[1]
+    full, _ = torch.linalg.qr(q.double(), mode="complete")
+    return full[:, k:]
+
+
+def protected_subspace(
+    s_old: torch.Tensor, q_prev: torch.Tensor | None, r: int, energy: float, margin: float, reserve: int = 0
+) -> tuple[torch.Tensor, dict]:
+    """The top-energy directions of S_<t (within the complement of the earlier bases Q) to keep new bases out of.
+
+    Takes the fewest top eigenvectors of P S_<t P (P = I - Q Q^T) that hold ``energy`` of its trace, but
+    never so many that fewer than ceil(margin * r) directions stay free: the achieved energy fraction is
+    then lower, and reported. Returns (E, info): E (n x p, orthogonal to Q) and
+    {"protected": p, "energy": fraction of P S_<t P's trace in span(E), "free": directions left}.
+    """
+    n = s_old.shape[0]
+    z = complement_basis(q_prev, n)
+    room = z.shape[1] - reserve
+    cap = max(0, room - math.ceil(margin * r))
+    s_z = z.T @ s_old.double() @ z
+    evals, evecs = torch.linalg.eigh((s_z + s_z.T) / 2)
+    evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
+    total = float(evals.sum())
+    if total <= 0 or cap == 0 or energy <= 0:
+        return torch.zeros(n, 0), {"protected": 0, "energy": 0.0, "free": room}
+    cover = torch.cumsum(evals, 0) / total
+    wanted = int(torch.searchsorted(cover, torch.tensor(min(energy, 1.0), dtype=cover.dtype)).item()) + 1
+    p = min(wanted, cap)
+    e = (z @ evecs[:, :p]).float().contiguous()
+    return e, {"protected": p, "energy": float(cover[p - 1]), "free": room - p}

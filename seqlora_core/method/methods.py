@@ -27,8 +27,13 @@ Fuse = Callable[["ConceptBank", Mapping[str, float]], dict[str, torch.Tensor]]
 class Method:
     """What a method trains and how.
 
-    basis: "learned" (Stiefel, data-driven init, orthogonal to earlier bases), "free" (a plain LoRA down
-    factor, kaiming init, Adam), or "frozen_slot" (Orthogonal Adaptation's fixed disjoint slots).
+    basis: "learned" (Stiefel, data-driven init, orthogonal to earlier bases), "frozen_init" (the same
+    data-driven init, then frozen: InfLoRA-like), "free" (a plain LoRA down factor, kaiming init, Adam), or
+    "frozen_slot" (Orthogonal Adaptation's fixed disjoint slots).
+    protect: the feasible set also excludes the earlier concepts' and the prior's top-energy input
+    subspace (activation-space protection), unless the training config turns it off.
+    tail: how activation sketches stand for the full moment ("mean": with the energy the top eigenpairs
+    leave out, spread evenly; "none": the top eigenpairs only, as version 1 did).
     """
 
     name: str
@@ -38,6 +43,8 @@ class Method:
     context: str  # default training context: "stacked" (earlier concepts active) or "base"
     keep_moment: bool = False  # store each layer's full input moment (the fusion baseline needs it)
     fuse: Fuse | None = None  # composed by this rule (merged mode only) instead of summation
+    protect: bool = False
+    tail: str = "mean"
     summary: str = ""
 
 
@@ -50,7 +57,28 @@ METHODS: dict[str, Method] = {
             True,
             False,
             "stacked",
-            summary="bilevel: learned orthogonal basis (upper), up factor fits the concept (lower)",
+            protect=True,
+            summary="bilevel: learned basis orthogonal to earlier bases and away from their activations "
+            "(upper), up factor fits the concept (lower)",
+        ),
+        Method(
+            "seqlora_v1",
+            "learned",
+            True,
+            False,
+            "stacked",
+            tail="none",
+            summary="ablation: version 1's constraint only (orthogonal bases; no activation-space protection, "
+            "sketches without their tail)",
+        ),
+        Method(
+            "frozen_a",
+            "frozen_init",
+            True,
+            False,
+            "stacked",
+            protect=True,
+            summary="ablation: SeqLoRA's data-driven, protected basis, then frozen; only B trained (InfLoRA-like)",
         ),
         Method("lora", "free", False, False, "base", summary="a standard LoRA per concept on the base model"),
         Method(
@@ -75,6 +103,7 @@ METHODS: dict[str, Method] = {
             True,
             True,
             "stacked",
+            protect=True,
             summary="SeqLoRA's constraint and penalty, single-level (penalty gradient on B too)",
         ),
         Method(

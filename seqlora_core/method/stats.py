@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -11,10 +12,19 @@ from torch import nn
 
 from .targets import LayerSpec
 
+TAILS = ("mean", "max", "none")
+
 
 @dataclass
 class Sketch:
-    """S ~ U diag(s) U^T: the top eigenpairs of an uncentred second moment E[x x^T]."""
+    """S ~ U diag(s) U^T + tau (I - U U^T): the top eigenpairs of an uncentred second moment E[x x^T] and
+    the energy the top eigenpairs leave out, spread over the other n - k directions (the tail).
+
+    ``trace`` is the full moment's trace, so the tail's energy is ``trace - sum(s)``. Two tail levels:
+    ``tail_mean`` spreads it evenly (the estimate of S: interference, penalty and basis use it) and
+    ``tail_max`` = min(s_k, trace - sum(s)) bounds every left-out eigenvalue from above (so the model with
+    it dominates S, and the forgetting bound built on it is a certificate). A NaN trace means unknown.
+    """
 
     U: torch.Tensor  # n x k, orthonormal columns
     s: torch.Tensor  # k, non-negative, descending
@@ -25,10 +35,37 @@ class Sketch:
         """F with F F^T = U diag(s) U^T (n x k)."""
         return self.U * self.s.clamp_min(0).sqrt()
 
-    def dense(self) -> torch.Tensor:
-        """The n x n matrix the sketch stands for."""
+    @property
+    def tail_known(self) -> bool:
+        return math.isfinite(self.trace)
+
+    @property
+    def residual(self) -> float:
+        """Energy outside the top eigenpairs: trace - sum(s) (0 when unknown)."""
+        if not self.tail_known:
+            return 0.0
+        return max(self.trace - float(self.s.double().sum()), 0.0)
+
+    def tail(self, kind: str = "mean") -> float:
+        """The tail level tau for ``kind`` in TAILS ("none" drops the tail, as version 1 did)."""
+        n, k = self.U.shape
+        if kind == "none" or n <= k:
+            return 0.0
+        if kind == "mean":
+            return self.residual / (n - k)
+        if kind == "max":
+            return min(float(self.s[-1]) if k else self.residual, self.residual)
+        raise ValueError(f"tail: {kind!r}; use one of {TAILS}")
+
+    def dense(self, tail: str = "none") -> torch.Tensor:
+        """The n x n matrix the sketch stands for (with the chosen tail)."""
         f = self.factor
-        return f @ f.T
+        out = f @ f.T
+        tau = self.tail(tail)
+        if tau > 0:
+            u = self.U.to(out.dtype)
+            out = out + tau * (torch.eye(out.shape[0], dtype=out.dtype, device=out.device) - u @ u.T)
+        return out
 
 
 def layer_rows(x: torch.Tensor, spec: LayerSpec, module: nn.Module) -> torch.Tensor:

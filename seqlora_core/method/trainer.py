@@ -28,6 +28,7 @@ from . import basis as bs
 from .adapters import AdapterLayer, inject, remove
 from .bank import Concept, ConceptBank, ConceptLayer, DuplicateConceptError
 from .compose import compose
+from .interference import dense_gram, energy_of_gram
 from .methods import Method, get_method, method_of
 from .stats import record_moments, sketch_moment
 from .targets import LayerSpec, find_targets
@@ -35,6 +36,15 @@ from .targets import LayerSpec, find_targets
 log = logging.getLogger("seqlora")
 
 REPROJECT_EVERY = 10
+MAX_TURN = 0.2  # largest Frobenius step of a basis (r x n, orthonormal rows) in one training step
+LAMBDA_HALF = 10.0  # the dual variable at which the penalty acts at half its full strength
+
+
+def _theta(lam: torch.Tensor) -> torch.Tensor:
+    """How strongly the interference constraint acts on the basis step, from 0 (lambda = 0) towards 1."""
+    return lam / (lam + LAMBDA_HALF)
+
+
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 BatchFn = Callable[[int], Any]
 
@@ -58,17 +68,21 @@ class TrainConfig:
     method: str = "seqlora"
     rank: int = 4
     steps: int = 500
-    lr: float = 1e-4
+    lr: float = 1e-4  # step size at rank 1: rank r steps the up factor (and a free basis) by lr / sqrt(r)
     rho: float = 0.1
     weight_decay: float = 0.0  # gamma of the lower level
     prior_loss_weight: float = 0.0  # > 0: add this times the loss on ``prior_batches`` (prior preservation)
     budget: float = 0.05  # eps: sum_j R(t->j) <= eps * R(t->t)
     dual_lr: float = 1.0  # eta_lambda
     dual_every: int = 10  # K
+    lam_max: float = 100.0  # cap of the dual variable
+    protect: str = "adaptive"  # activation-space protection of the earlier concepts and the prior: adaptive | off
+    protect_energy: float = 0.99  # theta: fraction of S_<t's energy to protect, when room allows
+    protect_margin: float = 2.0  # keep at least ceil(margin * rank) free directions per layer
     targets: str | tuple[str, ...] = "attn"
     context: str | None = None  # "stacked" | "base"; None = the method's default
     seed: int = 0
-    stats_batches: int = 4
+    stats_batches: int = 8
     sketch_rank: int = 32
     sketch_energy: float = 0.99
     penalty_rank: int = 64
@@ -92,8 +106,16 @@ class TrainConfig:
             raise ValueError(f"lr: {self.lr}; the learning rate must be positive")
         if self.prior_loss_weight < 0:
             raise ValueError(f"prior_loss_weight: {self.prior_loss_weight}; use 0 (off) or a positive weight")
-        if self.budget < 0:
-            raise ValueError(f"budget: {self.budget}; the interference budget must be >= 0")
+        if not self.budget >= 0:
+            raise ValueError(f"budget: {self.budget}; the interference budget must be a number >= 0")
+        if self.protect not in ("adaptive", "off"):
+            raise ValueError(f"protect: {self.protect!r}; use 'adaptive' or 'off'")
+        if not 0 <= self.protect_energy <= 1:
+            raise ValueError(f"protect_energy: {self.protect_energy}; use a fraction in [0, 1] (0.99 is typical)")
+        if not self.protect_margin >= 1:
+            raise ValueError(f"protect_margin: {self.protect_margin}; use at least 1 (free directions per rank)")
+        if not self.lam_max > 0:
+            raise ValueError(f"lam_max: {self.lam_max}; the cap of the dual variable must be positive")
         if self.context not in (None, "stacked", "base"):
             raise ValueError(f"context: {self.context!r}; use 'stacked' or 'base'")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
@@ -150,6 +172,57 @@ class Adam:
         return mh / (vh.sqrt() + self.eps)
 
 
+class ScaledMomentum:
+    """Momentum with one second-moment scalar per layer (rows of a G x r x n stack): a scale-free step that,
+    unlike per-coordinate Adam, does not blow up directions where the gradient is only noise. The basis uses
+    it, so directions the loss does not ask for stay where the constraint put them."""
+
+    def __init__(self, like: torch.Tensor, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-12):
+        self.m = torch.zeros_like(like)
+        self.v = torch.zeros(like.shape[0], *([1] * (like.dim() - 1)), dtype=like.dtype, device=like.device)
+        self.t = 0
+        self.b1, self.b2, self.eps = b1, b2, eps
+
+    def direction(self, g: torch.Tensor) -> torch.Tensor:
+        self.t += 1
+        self.m.mul_(self.b1).add_(g, alpha=1 - self.b1)
+        self.v.mul_(self.b2).add_(g.pow(2).mean(tuple(range(1, g.dim())), keepdim=True), alpha=1 - self.b2)
+        mh = self.m / (1 - self.b1**self.t)
+        vh = self.v / (1 - self.b2**self.t)
+        return mh / (vh.sqrt() + self.eps)
+
+
+@dataclass
+class Moment:
+    """A second moment as the penalty sees it: U diag(s) U^T + tau (I - U U^T) (stacked per group)."""
+
+    U: torch.Tensor  # G x n x k (zero-padded columns change nothing)
+    root_s: torch.Tensor  # G x 1 x k: sqrt of the eigenvalues
+    tau: torch.Tensor  # G: tail level
+
+    def energy(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """tr(B A S A^T B^T) per layer (G), through r x k and r x r products only."""
+        au = a @ self.U
+        e = (b @ (au * self.root_s)).pow(2).sum((1, 2))
+        if bool((self.tau > 0).any()):
+            gram_b = b.mT @ b
+            whole = (gram_b * (a @ a.mT)).sum((1, 2))
+            e = e + self.tau * (whole - (b @ au).pow(2).sum((1, 2)))
+        return e
+
+
+@dataclass
+class LayerInit:
+    """One layer at the start of training: its basis, constraint and the moments of its penalty."""
+
+    A: torch.Tensor
+    q: torch.Tensor | None = None  # n x K: directions the basis must stay orthogonal to
+    old: tuple[torch.Tensor, torch.Tensor, float] | None = None  # (U, s, tau) of S_<t seen from the free space
+    own: tuple[torch.Tensor, torch.Tensor, float] | None = None  # (U, s, tau) of the concept's own moment
+    soft: bool = False
+    protection: dict | None = None
+
+
 @dataclass
 class Group:
     """Layers of identical shape trained together as stacked tensors (one kernel launch per op)."""
@@ -157,12 +230,13 @@ class Group:
     specs: list[LayerSpec]
     A: torch.Tensor  # G x r x n  (requires grad unless frozen)
     B: torch.Tensor  # G x m x r
-    q: torch.Tensor | None  # G x n x K: earlier bases to stay orthogonal to (hard layers; zero-padded)
-    f_old: torch.Tensor | None  # G x n x p: factor of the earlier concepts' + prior moments
-    f_self: torch.Tensor | None  # G x n x k: factor of this concept's own moment
+    q: torch.Tensor | None  # G x n x K: earlier bases (+ protected directions) to stay orthogonal to
+    old: Moment | None  # the earlier concepts' + prior's moment (mean over them), as A can see it
+    own: Moment | None  # this concept's own moment
     soft: list[bool]
     lam: torch.Tensor  # G
-    opt_a: Adam | None = None
+    protection: list[dict | None]
+    opt_a: Adam | ScaledMomentum | None = None
     opt_b: Adam | None = None
     last_rel: torch.Tensor | None = None  # G, detached R_old / R_self
 
@@ -198,22 +272,30 @@ def _pad_cols(mats: list[torch.Tensor | None], n: int) -> torch.Tensor | None:
     return out
 
 
-def _factor_of(moment: torch.Tensor, k: int) -> torch.Tensor:
-    """F (n x k') with F F^T ~ moment (top eigenpairs)."""
-    return sketch_moment(moment, k_max=k, energy=0.9999).factor
+def _top_with_tail(moment: torch.Tensor, k: int, tail: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(U, s, tau): the top-k eigenpairs of a dense moment and the mean of the rest ("none": tau = 0)."""
+    sk = sketch_moment(moment, k_max=k, energy=1.0)
+    return sk.U, sk.s, sk.tail(tail)
 
 
-def _earlier_moment(bank: ConceptBank, layer: str, n: int) -> torch.Tensor:
-    """S_<t: the prior's moment plus every earlier concept's (from their sketches)."""
+def _earlier_moment(bank: ConceptBank, layer: str, n: int, tail: str) -> tuple[torch.Tensor, int]:
+    """(S_<t, count): the prior's moment plus every earlier concept's (sketches with their tails)."""
     total = torch.zeros(n, n, dtype=torch.float64)
-    sk = bank.prior.get(layer)
-    if sk is not None:
-        total += sk.dense().double()
-    for c in bank.concepts:
-        cl = c.layers[layer]
-        if cl.sketch is not None:
-            total += cl.sketch.dense().double()
-    return total
+    count = 0
+    sketches = [bank.prior.get(layer)] + [c.layers[layer].sketch for c in bank.concepts]
+    for sk in sketches:
+        if sk is not None:
+            total += sk.dense(tail).double()
+            count += 1
+    return total, count
+
+
+def _in_space(moment: torch.Tensor, z: torch.Tensor | None, k: int, tail: str) -> tuple:
+    """(U, s, tau) of the moment restricted to span(Z) (all of R^n when Z is None), in R^n coordinates."""
+    if z is None:
+        return _top_with_tail(moment, k, tail)
+    u, s, tau = _top_with_tail(z.T @ moment.double() @ z, k, tail)
+    return (z @ u.double()).float(), s, tau
 
 
 def _basis_rule(method_name: str) -> str:
@@ -276,29 +358,39 @@ class _Run:
         self.losses: list[float] = []
         self.timings = {"upper_s": 0.0, "lower_s": 0.0, "forward_backward_s": 0.0}
         self.last_interference: tuple | None = None
+        self._interference_acc = [0.0, 0.0]
 
     # ---- setup -------------------------------------------------------------------------------
-    def init_layer(self, spec: LayerSpec, moment: torch.Tensor, slot: int, gen: torch.Generator) -> tuple:
-        """(A, Q, F_old, F_self, soft) of one layer at the start of training, by the method's rules."""
+    def init_layer(self, spec: LayerSpec, moment: torch.Tensor, slot: int, gen: torch.Generator) -> LayerInit:
+        """One layer's basis, constraint and penalty moments at the start of training, by the method's rules."""
         cfg, method, bank, r, n = self.cfg, self.method, self.bank, self.cfg.rank, spec.in_features
         if method.basis == "frozen_slot":
             a, soft = frozen_slot(n, r, slot, int(bank.meta.get("ortho_seed", 0)))
-            return a, None, None, None, soft
+            return LayerInit(a, soft=soft)
         if not method.constrained:
-            return bs.kaiming_rows(n, r, gen), None, None, None, False
-        f_self = sketch_moment(moment, max(cfg.sketch_rank, r), 1.0).factor
+            return LayerInit(bs.kaiming_rows(n, r, gen))
+        own = _top_with_tail(moment, max(cfg.sketch_rank, r), method.tail)
         earlier = [c.layers[spec.name].A.float() for c in bank.concepts]
         q = bs.span_basis([a for a, c in zip(earlier, bank.concepts, strict=True) if not c.layers[spec.name].soft], n)
-        s_old = _earlier_moment(bank, spec.name, n)
+        s_old, count = _earlier_moment(bank, spec.name, n, method.tail)
         soft = n - cfg.reserve - q.shape[1] < r
+        protection = None
         if soft:
             # a full layer: no hard projection; steer the basis away from every earlier basis instead
             every = bs.span_basis(earlier, n).double()
             s_old = s_old + (float(torch.trace(s_old)) / n or 1.0) * (every @ every.T)
             q = None
-        a = bs.generalized_eigen_basis(f_self, s_old, r, q)
-        f_old = _factor_of(s_old, cfg.penalty_rank) if float(torch.trace(s_old)) > 0 else None
-        return a, q, f_old, f_self, soft
+        elif method.protect and cfg.protect == "adaptive" and count:
+            e, protection = bs.protected_subspace(s_old, q, r, cfg.protect_energy, cfg.protect_margin, cfg.reserve)
+            q = torch.cat([q, e], 1)
+        f_own = own[0] * own[1].clamp_min(0).sqrt()
+        a = bs.generalized_eigen_basis(f_own, s_old, r, q)
+        old = None
+        if count and float(torch.trace(s_old)) > 0:
+            z = None if q is None or q.shape[1] == 0 else bs.complement_basis(q, n)
+            u, sv, tau = _in_space(s_old / count, z, cfg.penalty_rank, method.tail)
+            old = (u, sv, tau)
+        return LayerInit(a, q, old, own, soft, protection)
 
     def build_groups(self, pre: dict[str, torch.Tensor]) -> None:
         """Initial factors of every layer, stacked per (m, n) shape."""
@@ -313,23 +405,37 @@ class _Run:
             t = _pad_cols(mats, n)
             return None if t is None else t.to(dev)
 
+        def moment(parts: list, n: int) -> Moment | None:
+            if all(p is None for p in parts):
+                return None
+            u = stacked([None if p is None else p[0].float() for p in parts], n)
+            k = u.shape[2]
+            root = torch.zeros(len(parts), 1, k)
+            tau = torch.zeros(len(parts))
+            for i, p in enumerate(parts):
+                if p is not None:
+                    root[i, 0, : p[1].numel()] = p[1].float().clamp_min(0).sqrt()
+                    tau[i] = p[2]
+            return Moment(u, root.to(dev), tau.to(dev))
+
         for (m, n), specs in by_shape.items():
-            a, q, f_old, f_self, soft = zip(*(self.init_layer(s, pre[s.name], slot, gen) for s in specs), strict=True)
+            inits = [self.init_layer(s, pre[s.name], slot, gen) for s in specs]
             g = Group(
                 list(specs),
-                torch.stack(a).to(dev),
+                torch.stack([i.A for i in inits]).to(dev),
                 torch.zeros(len(specs), m, r, device=dev),
-                stacked(list(q), n),
-                stacked(list(f_old), n),
-                stacked(list(f_self), n),
-                list(soft),
+                stacked([i.q for i in inits], n),
+                moment([i.old for i in inits], n),
+                moment([i.own for i in inits], n),
+                [i.soft for i in inits],
                 torch.zeros(len(specs), device=dev),
+                [i.protection for i in inits],
             )
             g.B.requires_grad_(True)
             g.opt_b = Adam(g.B)
-            if self.method.basis != "frozen_slot":
+            if self.method.basis in ("learned", "free"):
                 g.A.requires_grad_(True)
-                g.opt_a = Adam(g.A)
+                g.opt_a = ScaledMomentum(g.A) if self.method.basis == "learned" else Adam(g.A)
             self.groups.append(g)
 
     def attach(self, adapters: dict[str, AdapterLayer]) -> None:
@@ -339,26 +445,25 @@ class _Run:
 
     # ---- one step ----------------------------------------------------------------------------
     def penalty_terms(self, g: Group, detach_b: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(R_old, R_self) per layer of the group (G each)."""
+        """(R_old, R_self) per layer of the group (G each): R_old is the mean over the prior and the earlier
+        concepts of R(t->j), R_self = R(t->t), both with the sketches' tails."""
         b = g.B.detach() if detach_b else g.B
-        r_old = (b @ (g.A @ g.f_old)).pow(2).sum((1, 2)) if g.f_old is not None else torch.zeros_like(g.lam)
-        r_self = (b @ (g.A @ g.f_self)).pow(2).sum((1, 2))
+        r_old = g.old.energy(g.A, b) if g.old is not None else torch.zeros_like(g.lam)
+        r_self = g.own.energy(g.A, b) if g.own is not None else torch.zeros_like(g.lam)
         return r_old, r_self
 
     def do_step(self) -> float:
-        """One training step in its phases: loss and gradients, upper level (the basis), lower level (the
-        up factor), then dual ascent on the interference budget. Returns the concept's loss."""
+        """One training step in its three phases: the loss's gradients, the upper level (the basis, with
+        the interference penalty), the lower level (the up factor); then the dual variable."""
         t0 = time.perf_counter()
-        loss = self._forward_backward()
+        loss = self._loss_and_gradients()
         t1 = time.perf_counter()
-        if self.method.constrained:
-            self._add_penalty_gradients()
         with torch.no_grad():
             self._upper_step()
-            t2 = time.perf_counter()
+        t2 = time.perf_counter()
+        with torch.no_grad():
             self._lower_step()
-            if self.method.constrained and (self.step + 1) % self.cfg.dual_every == 0:
-                self._dual_step()
+            self._dual_step()
         t3 = time.perf_counter()
         self.timings["forward_backward_s"] += t1 - t0
         self.timings["upper_s"] += t2 - t1
@@ -368,8 +473,7 @@ class _Run:
         self.losses.append(value)
         return value
 
-    def _forward_backward(self) -> torch.Tensor:
-        """The concept's loss (plus the weighted prior loss) at this step, backpropagated into A and B."""
+    def _loss_and_gradients(self) -> torch.Tensor:
         cfg = self.cfg
         for g in self.groups:
             g.B.grad = None
@@ -387,72 +491,92 @@ class _Run:
         total.backward()
         return loss
 
-    def _add_penalty_gradients(self) -> None:
-        """The interference penalty lambda * R_old / R_self: its gradient joins A's (and, single-level, B's).
+    def _penalty_gradients(self, g: Group) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Record R_old / R_self; return its gradient in A and the penalty's step size (adding the B part for
+        `joint`), or None while lambda is 0.
 
-        Also records each layer's relative interference for the dual step and the progress report.
-        """
+        The step size is theta = lambda / (lambda + LAMBDA_HALF) times R_self / L, L the curvature bound
+        2 ||B||_op^2 ||S_old||_op of R_old in A: a growing lambda moves the basis faster, up to the step that
+        cannot overshoot, whatever the scale of the energies."""
         method = self.method
-        num = den = 0.0
-        lam_may_be_positive = self.step >= self.cfg.dual_every
-        for g in self.groups:
-            r_old, r_self = self.penalty_terms(g, detach_b=not method.penalty_on_up)
-            denom = r_self.detach() + 1e-30
-            g.last_rel = r_old.detach() / denom
-            num = num + r_old.detach().sum()
-            den = den + r_self.detach().sum()
-            if lam_may_be_positive and g.f_old is not None:
-                pen = (g.lam * r_old / denom).sum()
-                wrt = [g.A, g.B] if method.penalty_on_up else [g.A]
-                grads = torch.autograd.grad(pen, wrt)
-                g.A.grad = g.A.grad + grads[0] if g.A.grad is not None else grads[0]
-                if method.penalty_on_up:
-                    g.B.grad = g.B.grad + grads[1]
-        self.last_interference = (num, den)
+        with torch.enable_grad():
+            a = g.A.detach().requires_grad_(True)
+            b = g.B.detach().requires_grad_(method.penalty_on_up)
+            view = Group(g.specs, a, b, g.q, g.old, g.own, g.soft, g.lam, g.protection)
+            r_old, r_self = self.penalty_terms(view, detach_b=False)
+            rel = r_old / (r_self + 1e-30)
+            g.last_rel = rel.detach()
+            self._interference_acc[0] = self._interference_acc[0] + r_old.detach().sum()
+            self._interference_acc[1] = self._interference_acc[1] + r_self.detach().sum()
+            if g.old is None or not bool((g.lam > 0).any()):
+                return None
+            grad_a = torch.autograd.grad(rel.sum(), a, retain_graph=method.penalty_on_up)[0]
+            if method.penalty_on_up:
+                g.B.grad = g.B.grad + torch.autograd.grad((g.lam * rel).sum(), b)[0]
+        s_top = torch.maximum(g.old.root_s[:, 0, 0].pow(2), g.old.tau) if g.old.root_s.shape[2] else g.old.tau
+        curvature = 2 * torch.linalg.matrix_norm(g.B.detach(), ord=2).pow(2) * s_top
+        scale = _theta(g.lam) * r_self.detach() / curvature.clamp_min(1e-30)
+        return grad_a, scale.view(-1, 1, 1)
 
     def _upper_step(self) -> None:
-        """Upper level: a Riemannian step of a learned basis; a plain Adam step of a free one."""
+        """The basis: learned bases take a Riemannian step (momentum on the loss's gradient, normalised per
+        layer, plus a penalty step that grows with lambda); free bases an Adam step."""
+        cfg, method = self.cfg, self.method
+        self._interference_acc = [torch.zeros((), device=self.device), torch.zeros((), device=self.device)]
         for g in self.groups:
-            if self.method.basis == "learned":
-                self._riemannian_step(g)
-            elif g.opt_a is not None and g.A.grad is not None:
-                g.A.sub_(self.cfg.lr * g.opt_a.direction(g.A.grad))
+            pen = self._penalty_gradients(g) if method.constrained else None
+            if method.basis == "learned" and g.A.grad is not None:
+                self._riemannian_step(g, pen)
+            elif method.basis == "free" and g.A.grad is not None:
+                g.A.sub_(cfg.lr / math.sqrt(cfg.rank) * g.opt_a.direction(g.A.grad))
+        if method.constrained:
+            self.last_interference = tuple(self._interference_acc)
 
     def _lower_step(self) -> None:
-        """Lower level: an Adam step of the up factor B (with weight decay gamma)."""
+        """The up factor: Adam at lr / sqrt(rank), so the size of a step of B A does not grow with the rank."""
         cfg = self.cfg
+        lr = cfg.lr / math.sqrt(cfg.rank)
         for g in self.groups:
             if g.B.grad is None:
                 continue
             if cfg.weight_decay:
-                g.B.mul_(1 - cfg.lr * cfg.weight_decay)
-            g.B.sub_(cfg.lr * g.opt_b.direction(g.B.grad))
+                g.B.mul_(1 - lr * cfg.weight_decay)
+            g.B.sub_(lr * g.opt_b.direction(g.B.grad))
 
     def _dual_step(self) -> None:
-        """Projected dual ascent on the budget, per layer: lambda <- max(0, lambda + eta (R_rel / eps - 1)).
-
-        The constraint R_rel <= eps is scaled as R_rel / eps - 1 <= 0 so that eta_lambda means the same for
-        every budget; one step's violation counts at most 10.
-        """
+        """Projected dual ascent on R_old / R_self <= eps every K steps, lambda capped at lam_max."""
         cfg = self.cfg
+        if not self.method.constrained or (self.step + 1) % cfg.dual_every:
+            return
         for g in self.groups:
-            if g.last_rel is not None:
+            if g.last_rel is not None and g.old is not None:
+                # the constraint R_rel <= eps, scaled as R_rel / eps - 1 <= 0 so that eta_lambda means the same
+                # for every budget
                 violation = g.last_rel / max(cfg.budget, 1e-12) - 1.0
-                g.lam.add_(cfg.dual_lr * violation.clamp(max=10.0)).clamp_(min=0)
+                g.lam.add_(cfg.dual_lr * violation.clamp(max=10.0)).clamp_(min=0, max=cfg.lam_max)
 
-    def _riemannian_step(self, g: Group) -> None:
-        """G P -> Stiefel tangent -> Adam direction -> P and tangent again -> step -> QR retraction.
+    def _riemannian_step(self, g: Group, pen: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """G P -> Stiefel tangent -> momentum direction (loss part), less theta times its part that would raise
+        R_old / R_self, plus the penalty step -> P and tangent again -> step (at most MAX_TURN per layer) -> QR
+        retraction. theta = lambda / (lambda + LAMBDA_HALF) grows from 0 to 1 with lambda.
 
         Each projection onto the complement of earlier bases costs O(r n K). The gradient and the direction
         are projected every step (Adam's moments must only see feasible directions); the iterate, which the
         step keeps in the complement up to round-off, is re-projected every ``REPROJECT_EVERY`` steps and
         at the last one.
         """
-        if g.A.grad is None:
-            return
-        d = g.opt_a.direction(bs.stiefel_tangent(bs.project_out(g.A.grad, g.q), g.A))
+        eta = self.cfg.rho * self.cfg.lr
+        d = eta * g.opt_a.direction(bs.stiefel_tangent(bs.project_out(g.A.grad, g.q), g.A))
+        if pen is not None:
+            grad, size = pen
+            normal = bs.stiefel_tangent(bs.project_out(grad, g.q), g.A)
+            normal = normal / normal.flatten(1).norm(dim=1).clamp_min(1e-30).view(-1, 1, 1)
+            along = (d * normal).sum((1, 2), keepdim=True)  # < 0: the step A - d raises the ratio
+            d = d - _theta(g.lam).view(-1, 1, 1) * along.clamp(max=0) * normal + size * grad
         d = bs.stiefel_tangent(bs.project_out(d, g.q), g.A)
-        new = g.A - self.cfg.rho * self.cfg.lr * d
+        size = d.flatten(1).norm(dim=1).clamp_min(1e-30)
+        d = d * (MAX_TURN / size).clamp(max=1.0).view(-1, 1, 1)
+        new = g.A - d
         if (self.step + 1) % REPROJECT_EVERY == 0 or self.step + 1 >= self.cfg.steps:
             new = bs.project_out(new, g.q)
         g.A.copy_(bs.orthonormal_rows(new))
@@ -572,6 +696,8 @@ def train_concept(
                     {k: sketch_moment(v, config.sketch_rank, config.sketch_energy) for k, v in moments.items()}
                 )
                 timings["prior_stats_s"] = time.perf_counter() - t
+            if "weight_norms" not in bank.meta:
+                bank = dataclasses.replace(bank, meta={**bank.meta, "weight_norms": _weight_norms(model, specs)})
             if context == "stacked" and bank.concepts:
                 restore.enter_context(compose(model, bank, None, "merged"))
             _phase(cb, "concept stats")
@@ -645,6 +771,12 @@ def _train_loop(run: _Run, cb: TrainCallbacks, key: str) -> None:
             run.save_checkpoint(key)
 
 
+def _weight_norms(model: nn.Module, specs: list[LayerSpec]) -> dict[str, float]:
+    """||W||_F of every adapted layer of the base model (what ||dW|| is compared with)."""
+    with torch.no_grad():
+        return {s.name: float(model.get_submodule(s.name).weight.float().norm()) for s in specs}
+
+
 def _phase(cb: TrainCallbacks, name: str) -> None:
     log.debug("phase: %s", name)
     if cb.on_phase is not None:
@@ -652,6 +784,7 @@ def _phase(cb: TrainCallbacks, name: str) -> None:
 
 
 def _make_concept(run: _Run, final: dict[str, torch.Tensor], cfg: TrainConfig, method: Method) -> Concept:
+    """The trained concept: factors, sketches, protection per layer, and what the bank's report needs."""
     layers: dict[str, ConceptLayer] = {}
     for g in run.groups:
         for i, spec in enumerate(g.specs):
@@ -662,6 +795,7 @@ def _make_concept(run: _Run, final: dict[str, torch.Tensor], cfg: TrainConfig, m
                 sketch_moment(moment, cfg.sketch_rank, cfg.sketch_energy),
                 g.soft[i],
                 moment.float() if method.keep_moment else None,
+                g.protection[i],
             )
     soft_layers = [s.name for g in run.groups for s, soft in zip(g.specs, g.soft, strict=True) if soft]
     if soft_layers:
@@ -678,7 +812,66 @@ def _make_concept(run: _Run, final: dict[str, torch.Tensor], cfg: TrainConfig, m
         "soft_layers": soft_layers,
         "final_relative_interference": rel if math.isfinite(rel) else None,
         "final_lambda_mean": lam,
+        **_measured_on_own_data(run.bank, layers, final),
     }
+    if method.constrained and run.bank.concepts:
+        info["budget"] = _budget_report(run, cfg, rel)
+        if not info["budget"]["met"]:
+            log.warning("concept %r: %s", cfg.name, budget_message(info["budget"]))
     return Concept(
         cfg.name, list(cfg.triggers), cfg.rank, cfg.method, layers, "trained", [float(x) for x in run.losses], {}, info
     )
+
+
+def budget_message(budget: dict) -> str:
+    """One line saying how far the interference budget was missed."""
+    return (
+        f"interference budget missed: mean R(new->earlier) / R(new->new) is {budget['achieved']:.3g} against "
+        f"the budget {budget['budget']:.3g} ({budget['achieved'] / max(budget['budget'], 1e-30):.1f}x); "
+        f"{budget['layers_over']} of {budget['layers']} layers are over it. Later concepts and the base "
+        "prompts may be disturbed more than the budget allows (see the report)."
+    )
+
+
+def _budget_report(run: _Run, cfg: TrainConfig, rel: float) -> dict:
+    """Whether R_old / R_self <= eps held at the end, overall and per layer."""
+    over = layers = 0
+    with torch.no_grad():
+        for g in run.groups:
+            if g.old is None:
+                continue
+            r_old, r_self = run.penalty_terms(g, True)
+            per = r_old / (r_self + 1e-30)
+            over += int((per > cfg.budget).sum())
+            layers += per.numel()
+    achieved = rel if math.isfinite(rel) else float("inf")
+    return {
+        "budget": cfg.budget,
+        "achieved": achieved,
+        "met": achieved <= cfg.budget,
+        "layers_over": over,
+        "layers": layers,
+        "lambda_mean": run.interference_now()[1],
+        "lambda_max": cfg.lam_max,
+    }
+
+
+def _measured_on_own_data(bank: ConceptBank, layers: dict[str, ConceptLayer], final: dict[str, torch.Tensor]) -> dict:
+    """Exact energies on this concept's own activations (the final statistics pass): its own adapter's,
+    R(t->t), and every earlier concept's, R(j->t), summed over layers; and ||dW|| / ||W|| per layer."""
+    own = 0.0
+    received = {c.name: 0.0 for c in bank.concepts}
+    for name, cl in layers.items():
+        moment = final[name].cpu().double()
+        own += energy_of_gram(cl.B, dense_gram(cl.A, moment))
+        for c in bank.concepts:
+            other = c.layers[name]
+            received[c.name] += energy_of_gram(other.B, dense_gram(other.A, moment))
+    out: dict = {"self_energy": own, "received_interference": received}
+    norms = bank.meta.get("weight_norms") or {}
+    ratios = [
+        float((cl.B.double() @ cl.A.double()).norm()) / norms[name] for name, cl in layers.items() if norms.get(name)
+    ]
+    if ratios:
+        out["delta_norm_ratio"] = {"mean": sum(ratios) / len(ratios), "max": max(ratios)}
+    return out
