@@ -233,3 +233,38 @@ def test_generate_is_seeded(sd_eps):
     c = generate(sd_eps, "a photo of sks", seed=2, steps=2, guidance=3.0)
     assert len(a) == 1 and a[0].size == (64, 64) and a[0].mode == "RGB"
     assert a[0].tobytes() == b[0].tobytes() and a[0].tobytes() != c[0].tobytes()
+
+
+def test_the_prior_is_the_base_models_own_generations(sd_eps, dataset, tmp_path):
+    from seqlora_core.apps.recipes import train_from_folder
+    from seqlora_core.backends.diffusers_backend import generated_prior_data, prior_prompts
+    from seqlora_core.method.trainer import TrainCallbacks, TrainConfig
+
+    prompts = prior_prompts(dataset, "a photo of a dog")
+    assert prompts[0] == "a photo of a dog" and prompts[-1] == "" and not any("sks" in p for p in prompts)
+    data = generated_prior_data(sd_eps, prompts, resolution=32, images=3, steps=2, seed=1)
+    assert data.dataset.captions == prompts[:3] and len(data.dataset) == 3
+    again = generated_prior_data(sd_eps, prompts, resolution=32, images=3, steps=2, seed=1)
+    assert all(torch.equal(a, b) for a, b in zip(data.dataset.pixels_u8, again.dataset.pixels_u8, strict=True))
+    assert not any(torch.equal(a, b) for a in data.dataset.pixels_u8 for b in dataset.pixels_u8)
+
+    phases = []
+    folder = concept_folder(tmp_path / "c", [(32, 32), (32, 32)])
+    cfg = TrainConfig(name="sks", triggers=["sks dog"], steps=1, stats_batches=2, layer_naming="diffusers")
+    bank = train_from_folder(
+        sd_eps,
+        folder,
+        "sks dog",
+        cfg,
+        resolution=32,
+        prior_images=2,
+        callbacks=TrainCallbacks(on_phase=phases.append),
+        class_prompt="a photo of a dog",
+    )
+    assert phases[:2] == ["prior images", "prior stats"] and bank.prior
+    phases.clear()
+    cfg2 = TrainConfig(name="zqx", triggers=["zqx hat"], steps=1, stats_batches=2, layer_naming="diffusers")
+    train_from_folder(
+        sd_eps, folder, "zqx hat", cfg2, bank, resolution=32, callbacks=TrainCallbacks(on_phase=phases.append)
+    )
+    assert "prior images" not in phases, "generated once per bank"

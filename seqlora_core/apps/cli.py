@@ -75,6 +75,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             caption_template=args.caption_template,
             batch_size=args.batch_size,
             callbacks=callbacks,
+            class_prompt=args.class_prompt,
+            prior_images=args.prior_images,
         )
     except (KeyboardInterrupt, TrainingCancelled):
         bar.close()
@@ -209,6 +211,18 @@ def build_parser() -> argparse.ArgumentParser:
         default="adaptive",
         help="keep the new basis out of the earlier concepts' and the base's top-energy input directions "
         "(adaptive, default) or only orthogonal to earlier bases (off)",
+    )
+    t.add_argument(
+        "--class-prompt",
+        default=None,
+        help="a trigger-free prompt for what the concept is (e.g. 'a photo of a dog'); with the captions "
+        "without their trigger and the empty prompt, the base model's images for it are what a new bank protects",
+    )
+    t.add_argument(
+        "--prior-images",
+        type=int,
+        default=8,
+        help="images the base model generates for those prompts when a bank is created (default 8)",
     )
     t.add_argument(
         "--stats-batches",

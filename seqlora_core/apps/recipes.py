@@ -2,7 +2,7 @@
 
 - :func:`train_from_folder`: one concept from a folder of images (and captions) into a bank, on a
   diffusers pipeline, with the right trigger-free prior (the toy world's own scenes on the toy base, the
-  concept's images with trigger-free captions elsewhere).
+  base model's own generations for trigger-free prompts elsewhere).
 - :func:`learn_toy_concept` and the ``TOY_*`` settings: a toy-world concept as the demo and the
   benchmarks learn it.
 """
@@ -12,7 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..backends import diffusers_backend
-from ..backends.diffusers_backend import DiffusersConceptData, native_resolution
+from ..backends.diffusers_backend import (
+    DiffusersConceptData,
+    generated_prior_data,
+    native_resolution,
+    prior_prompts,
+)
 from ..data.captions import DEFAULT_TEMPLATE
 from ..data.dataset import ConceptDataset
 from ..method.bank import ConceptBank
@@ -47,20 +52,31 @@ def train_from_folder(
     caption_template: str = DEFAULT_TEMPLATE,
     batch_size: int = 1,
     callbacks: TrainCallbacks | None = None,
+    class_prompt: str | None = None,
+    prior_images: int = 8,
 ) -> ConceptBank:
     """Learn one concept from ``folder`` into ``bank`` (None: a new bank) and return the new bank.
 
     Images are read at ``resolution`` (default: the pipeline's own) with the dataset's caption rules; the
     data order and noise follow ``config.seed``. The trigger-free prior is the toy world's own scenes
-    when ``config.architecture`` is ``"toy"``, else the concept's images with the trigger removed from
-    their captions; it is prepared only when the training reads it (:func:`needs_prior`).
+    when ``config.architecture`` is ``"toy"``, else ``prior_images`` generations of the base model for the
+    concept's captions without the trigger, ``class_prompt`` and the empty prompt; it is prepared only when
+    the training reads it (:func:`needs_prior`), i.e. once per bank unless a prior loss asks for it.
     """
     resolution = resolution or native_resolution(pipe)
     dataset = ConceptDataset.from_folder(folder, trigger, caption_template, resolution)
     data = DiffusersConceptData(pipe, dataset, batch_size=batch_size, seed=config.seed)
     prior: BatchFn | None = None
     if needs_prior(bank, config):
-        prior = toy_prior_data(pipe, seed=config.seed).batches if config.architecture == TOY else data.prior_batches
+        if config.architecture == TOY:
+            prior = toy_prior_data(pipe, seed=config.seed).batches
+        else:
+            if callbacks is not None and callbacks.on_phase is not None:
+                callbacks.on_phase("prior images")
+            prompts = prior_prompts(dataset, class_prompt)
+            prior = generated_prior_data(
+                pipe, prompts, resolution, prior_images, seed=config.seed, batch_size=batch_size
+            ).batches
     # the loss is looked up when called, so a test can wrap it
     return train_concept(pipe.unet, diffusers_backend.diffusion_loss, data.batches, config, bank, prior, callbacks)
 

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -420,3 +421,51 @@ def generate(
         output_type="pil",
     )
     return list(out.images)
+
+
+def prior_prompts(dataset: ConceptDataset, class_prompt: str | None = None, limit: int = 8) -> list[str]:
+    """Trigger-free prompts of the base model's own world for a concept: its captions with the trigger
+    removed (distinct, first ``limit``), the class prompt when given, and the empty prompt (guidance's
+    other half)."""
+    prompts = list(dict.fromkeys(p for p in dataset.prior_captions if p.strip()))[:limit]
+    if class_prompt and class_prompt.strip():
+        prompts.insert(0, class_prompt.strip())
+    return [*prompts, ""]
+
+
+@torch.no_grad()
+def generated_prior_data(
+    pipe: Any,
+    prompts: list[str],
+    resolution: int,
+    images: int = 8,
+    steps: int = 20,
+    guidance: float = 5.0,
+    seed: int = 0,
+    batch_size: int = 4,
+) -> DiffusersConceptData:
+    """The base model's own generations for trigger-free prompts, as training data: concept 0 of a new bank.
+
+    ``images`` samples at ``resolution`` cycle through ``prompts`` (seeded, ``steps`` sampling steps). A
+    concept's own images with the trigger removed would not do as the prior: at layers that see image
+    features they look like the concept.
+    """
+    chosen = [prompts[i % len(prompts)] for i in range(images)]
+    pixels = []
+    for i, prompt in enumerate(chosen):
+        (img,) = generate(
+            pipe, prompt, seed=seed * 1000 + i, steps=steps, guidance=guidance, height=resolution, width=resolution
+        )
+        pixels.append(torch.from_numpy(np.array(img.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1).contiguous())
+    ds = ConceptDataset(
+        trigger="",
+        resolution=resolution,
+        resize="center_crop",
+        pixels_u8=pixels,
+        captions=list(chosen),
+        prior_captions=list(chosen),
+        repeats=[1] * images,
+        original_sizes=[(resolution, resolution)] * images,
+        crops_top_left=[(0, 0)] * images,
+    )
+    return DiffusersConceptData(pipe, ds, batch_size=batch_size, seed=seed)
