@@ -1,0 +1,79 @@
+"""The A1111/Forge accordion's text value: selection grammar, infotext field, ``<lora:...>`` tags."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nodes import schema
+from seqlora_webui import _core
+from seqlora_webui.selection import (
+    active,
+    add_tags,
+    infotext_value,
+    parse_infotext_value,
+    strip_tags,
+    tags_for,
+)
+
+CASES = ["", "dog", "dog:0.5, cat:1.25", "!dog:0.7, cat", " a b : 2 ,, !c:0 ", "x:y:0.3", "a\nb:2"]
+
+
+@pytest.mark.parametrize("text", CASES)
+def test_grammar_is_the_comfyui_loaders(text):
+    assert _core.parse_concepts(text) == schema.parse_concepts(text)
+    items = _core.parse_concepts(text)
+    assert _core.format_concepts(items) == schema.format_concepts(items)
+
+
+names = st.text(alphabet=st.characters(blacklist_characters=",:!\n\r", blacklist_categories=("Cs",)),
+                min_size=1, max_size=12).filter(lambda s: s.strip() == s and s)
+items = st.lists(st.tuples(names, st.floats(-3, 3, allow_nan=False).map(lambda x: round(x, 3)), st.booleans()),
+                 max_size=6)
+
+
+@given(items)
+def test_format_then_parse_round_trips(sel):
+    assert _core.parse_concepts(_core.format_concepts(sel)) == [(n, float(f"{s:g}"), on) for n, s, on in sel]
+    assert _core.parse_concepts(_core.format_concepts(sel)) == schema.parse_concepts(schema.format_concepts(sel))
+
+
+def test_bad_strength_names_the_concept():
+    with pytest.raises(ValueError, match="strength 'abc' of 'dog' is not a number"):
+        _core.parse_concepts("dog:abc")
+
+
+def test_active_keeps_only_concepts_that_are_on():
+    assert active(_core.parse_concepts("a:1, !b:0.5, c:0, d:0.7, a:0.2")) == {"d": 0.7, "a": 0.2}
+
+
+@pytest.mark.parametrize("bank", ["my_bank.safetensors", "sub/with space.safetensors", "odd:name.safetensors"])
+def test_infotext_value_round_trip(bank):
+    value = infotext_value(bank, " sks:1.0 ,!zqx:0.70")
+    assert value == f"{bank}: sks:1, !zqx:0.7"
+    assert parse_infotext_value(value) == (bank, "sks:1, !zqx:0.7")
+    assert parse_infotext_value(f'"{value}"') == (bank, "sks:1, !zqx:0.7")  # as A1111 quotes it
+
+
+@pytest.mark.parametrize("bad", ["no selection here", ": sks:1", "b.safetensors: sks:x"])
+def test_infotext_value_that_is_not_ours_is_an_error(bad):
+    with pytest.raises(ValueError):
+        parse_infotext_value(bad)
+
+
+def test_tags_are_appended_once_and_other_loras_stay():
+    nets = {"bank__sks": 1.0, "bank__zqx": 0.7}
+    prompt = "a photo of sks dog <lora:style:0.5>"
+    once = add_tags(prompt, nets, "bank__")
+    assert once == "a photo of sks dog <lora:style:0.5> " + tags_for(nets)
+    assert tags_for(nets) == "<lora:bank__sks:1> <lora:bank__zqx:0.7>"
+    assert add_tags(once, nets, "bank__") == once  # a pasted prompt that already has our tags
+    assert add_tags(once, {"bank__sks": 0.5}, "bank__") == "a photo of sks dog <lora:style:0.5> <lora:bank__sks:0.5>"
+    assert add_tags("<lora:bank__old:1>", {}, "bank__") == ""
+    assert add_tags("x <lora:other_bank__sks:1>", nets, "bank__").startswith("x <lora:other_bank__sks:1> ")
+
+
+def test_strip_tags_removes_exactly_the_named_networks():
+    prompt = "cat <lora:b__sks:1> <lyco:b__zqx:0.7:0.5> <lora:b__sksx:1> <lora:keep:1>"
+    assert strip_tags(prompt, ["b__sks", "b__zqx"]) == "cat <lora:b__sksx:1> <lora:keep:1>"
