@@ -3,11 +3,12 @@
     python build_checkpoint.py --webui A1111_PATH --kind tiny --out tiny.safetensors
     python build_checkpoint.py --webui A1111_PATH --kind sd15 --out sd15_random.safetensors
 
-``tiny``: the SD1.x layout at the project's tiny width (UNet channels 32/64, attention at the second level
-and in the middle block, cross-attention 32, VAE factor 2, a 5-layer CLIP text model of width 32 with the
-full vocabulary). A1111 reads its architecture from the ``.yaml`` written next to the checkpoint, and the
-text model's config and tokenizer from a ``<name>.clip`` folder next to it. ``sd15``: the full-size SD1.5
-layout from A1111's ``configs/v1-inference.yaml`` (about 2 GB in fp16), which Forge detects by shape.
+``tiny``: the SD1.x layout at the project's tiny width (UNet channels 32/64, attention at the second
+level and in the middle block, cross-attention 32; a narrow VAE that downsamples by 8 like SD's; a
+5-layer CLIP text model of width 32 with the full vocabulary). A1111 reads its architecture from the
+``.yaml`` written next to the checkpoint, and the text model's config and tokenizer from a
+``<name>.clip`` folder next to it. ``sd15``: the full-size SD1.5 layout from A1111's
+``configs/v1-inference.yaml`` (about 2 GB in fp16), which Forge detects by shape.
 
 Every parameter gets finite random values (weights N(0, 1/fan_in), norm scales 1 +- 0.1, biases 0.02 N):
 LDM zero-initialises its output projections, which would hide any LoRA on the layers before them.
@@ -79,7 +80,7 @@ def build(webui: Path, kind: str, out: Path, seed: int, tokenizer_dir: Path) -> 
         unet.context_dim = 32
         dd = cfg.model.params.first_stage_config.params.ddconfig
         dd.ch = 32
-        dd.ch_mult = [1, 2]
+        dd.ch_mult = [1, 2, 2, 2]  # downsampling by 8, as A1111 assumes (latent = image / 8)
         dd.num_res_blocks = 1
     cfg.model.params.cond_stage_config.params = {"version": str(clip_dir)}
 

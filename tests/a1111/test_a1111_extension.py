@@ -22,7 +22,7 @@ from webui_harness import REPO_ROOT, WebUI, snapshot
 
 BANK = "tab_bank.safetensors"
 SETTINGS = {"caption": "a photo of {trigger}", "method": "seqlora", "rank": 4, "lr": 1e-3, "budget": 0.05,
-            "targets": "attn", "resolution": 32, "batch": 1, "seed": 0}
+            "targets": "attn", "resolution": 64, "batch": 1, "seed": 0}
 MAX_ABS_ERR = 1e-6  # fp32 weights and fp32 exports: only rounding of base + delta remains
 pytestmark = pytest.mark.slow
 
@@ -114,8 +114,11 @@ def test_interrupt_then_resume_continues_from_saved_progress(a1111: WebUI, conce
     steps = 24
     a1111.ok("POST", "/seqlora/v1/train", {"bank": "tab_bank", "name": "zqx", "triggers": "zqx hat",
                                            "images": str(concept_images["hat"]), "steps": steps, "lr": 1e-3,
-                                           "resolution": 32, "checkpoint_every": 4})
+                                           "resolution": 64, "checkpoint_every": 4})
     wait_status(a1111, lambda s: s["state"] == "running" and s["step"] >= 6)
+    prog = a1111.ok("GET", "/sdapi/v1/progress")  # the host's own progress: what its progress bar shows
+    assert prog["state"]["job"] == "seqlora-train" and prog["state"]["job_count"] == steps
+    assert prog["state"]["job_no"] >= 6 and 0 < prog["progress"] < 1 and "loss" in prog["textinfo"]
     a1111.ok("POST", "/sdapi/v1/interrupt")
     st = wait_status(a1111, lambda s: s["state"] in ("interrupted", "done", "error"))
     assert st["state"] == "interrupted", st
@@ -173,6 +176,25 @@ def test_a_changed_bank_is_exported_and_applied_again(a1111: WebUI):
     bank.save(path)
     txt2img(a1111, "a photo of sks dog wearing zqx hat", [True, BANK, "sks:1, zqx:0.7"])
     got = compare(a1111, {"sks": 1.0, "zqx": 0.7})
+    assert got["patched"] == got["layers"] and got["max_abs_err"] < MAX_ABS_ERR, got
+
+
+def test_hires_fix_and_img2img_compose_the_same(a1111: WebUI):
+    body = {"prompt": "a photo of sks dog", "steps": 2, "width": 64, "height": 64, "seed": 2, "enable_hr": True,
+            "hr_scale": 1.5, "hr_second_pass_steps": 1, "denoising_strength": 0.5, "hr_upscaler": "Latent",
+            "alwayson_scripts": {"SeqLoRA": {"args": [True, BANK, "sks:0.6, zqx:1"]}}}
+    out = a1111.ok("POST", "/sdapi/v1/txt2img", body)
+    info = json.loads(out["info"])
+    assert "Hires upscale: 1.5" in info["infotexts"][0]
+    assert info["infotexts"][0].count("<lora:tab_bank__sks:0.6>") == 1
+    got = compare(a1111, {"sks": 0.6, "zqx": 1.0})
+    assert got["patched"] == got["layers"] and got["max_abs_err"] < MAX_ABS_ERR, got
+    body = {"init_images": [out["images"][0]], "prompt": "a photo of zqx hat", "steps": 2, "width": 64,
+            "height": 64, "seed": 3, "denoising_strength": 0.6,
+            "alwayson_scripts": {"SeqLoRA": {"args": [True, BANK, "zqx:0.9"]}}}
+    out = a1111.ok("POST", "/sdapi/v1/img2img", body)
+    assert len(out["images"]) == 1 and "<lora:tab_bank__zqx:0.9>" in json.loads(out["info"])["infotexts"][0]
+    got = compare(a1111, {"zqx": 0.9})
     assert got["patched"] == got["layers"] and got["max_abs_err"] < MAX_ABS_ERR, got
 
 
@@ -305,7 +327,7 @@ def test_bad_input_is_a_clear_message_and_writes_nothing(a1111: WebUI, concept_i
 def test_training_never_overlaps_a_generation(a1111: WebUI, concept_images):
     """The API's training takes the host's queue lock: a txt2img sent meanwhile waits for it."""
     a1111.ok("POST", "/seqlora/v1/train", {"bank": "lock_bank", "name": "c", "triggers": "c c",
-                                           "images": str(concept_images["hat"]), "steps": 6, "resolution": 32})
+                                           "images": str(concept_images["hat"]), "steps": 6, "resolution": 64})
     wait_status(a1111, lambda s: s["state"] == "running")
     txt2img(a1111, "a photo", None)
     st = a1111.ok("GET", "/seqlora/v1/train/status")

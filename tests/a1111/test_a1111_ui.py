@@ -3,7 +3,8 @@
 A first server (API only) trains two concepts into a bank; a second one starts with that bank (and the
 accordion opened, as saved UI defaults), and Chromium renders the txt2img page and the SeqLoRA tab:
 the DOM must hold the accordion, its concept rows (drawn by ``javascript/seqlora.js``) and the tab's
-bank table, and the screenshots must show a page. ``SEQLORA_SCREENSHOT_DIR`` keeps the PNGs.
+bank table, and the screenshots must show a page. ``SEQLORA_SCREENSHOT_DIR`` keeps the PNGs;
+``SEQLORA_CHROMIUM`` names the browser when it is not on PATH.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from pathlib import Path
 import pytest
 from webui_harness import WebUI, free_port, prepare_data_dir
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+CHROMIUM = (os.environ.get("SEQLORA_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+            or shutil.which("google-chrome"))
 BANK = "my_concepts.safetensors"
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(CHROMIUM is None, reason="no chromium/google-chrome on PATH")]
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+    CHROMIUM is None, reason="no chromium/google-chrome on PATH (or set SEQLORA_CHROMIUM to a Chromium binary)")]
 
 
 def chromium(url: str, out: Path | None, size: str = "1360,1100", budget_ms: int = 60000) -> str:
@@ -42,7 +45,7 @@ def ui_server(a1111_host, tiny_checkpoint, concept_images, tmp_path_factory):
     try:
         for name, trig, folder in [("sks", "sks dog", "dog"), ("zqx", "zqx hat", "hat")]:
             trainer.ok("POST", "/seqlora/v1/train", {"bank": BANK, "name": name, "triggers": trig, "steps": 10,
-                                                     "images": str(concept_images[folder]), "resolution": 32})
+                                                     "images": str(concept_images[folder]), "resolution": 64})
             t0 = time.monotonic()
             while trainer.ok("GET", "/seqlora/v1/train/status")["state"] in ("queued", "running"):
                 assert time.monotonic() - t0 < 900
@@ -80,9 +83,9 @@ def test_accordion_renders_with_its_concepts(ui_server: WebUI, tmp_path):
     dom = chromium(ui_server.url + "/?__theme=light", png)
     assert 'id="seqlora_txt2img"' in dom
     assert 'class="seqlora-row"' in dom, "javascript/seqlora.js did not draw the concept rows"
-    assert dom.count('class="seqlora-row"') == 2 and "zqx hat" in dom
+    assert dom.count('class="seqlora-row"') == 4 and "zqx hat" in dom  # two concepts in txt2img and in img2img
     ticked = re.findall(r'class="seqlora-row"[^>]*><input type="checkbox" checked=""', dom)
-    assert len(ticked) == 2, "the saved selection 'sks:1, zqx:0.7' is not ticked in the rows"
+    assert len(ticked) == 2, "the saved txt2img selection 'sks:1, zqx:0.7' is not ticked in its rows"
     _looks_like_a_page(png)
 
 

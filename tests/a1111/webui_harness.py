@@ -30,7 +30,7 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 TOKENIZER = REPO_ROOT / "seqlora_core" / "tokenizer_assets"
-TINY_VERSION = 1  # bump when the tiny recipe in build_checkpoint.py changes
+TINY_VERSION = 2  # bump when the tiny recipe in build_checkpoint.py changes
 CLIP_L = "openai/clip-vit-large-patch14"
 CLIP_L_SNAPSHOT = "0000000000000000000000000000000000000000"
 A1111_ENV = ("A1111_PATH", "A1111_PYTHON")
