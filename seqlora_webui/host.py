@@ -47,6 +47,17 @@ def banks_dir() -> Path:
     return Path(folder) if folder else Path(paths.models_path) / "seqlora"
 
 
+def banks_dir_label() -> str:
+    """The banks folder as the UI shows it: relative to the web UI's data folder when inside it."""
+    from modules import paths
+
+    folder = banks_dir()
+    try:
+        return folder.resolve().relative_to(Path(paths.data_path).resolve()).as_posix()
+    except ValueError:
+        return str(folder)
+
+
 def lora_dir() -> Path:
     from modules import shared
 

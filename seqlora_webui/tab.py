@@ -128,7 +128,7 @@ def build() -> Any:
         with gr.Row(equal_height=False):
             with gr.Column(variant="panel", elem_id="seqlora_train_column"):
                 gr.HTML("<h3>Train a concept</h3><p class='seqlora-muted'>on the loaded checkpoint, into a bank "
-                        f"in <code>{html.escape(str(host.banks_dir()))}</code></p>")
+                        f"in <code>{html.escape(host.banks_dir_label())}</code></p>")
                 with gr.Row():
                     bank = gr.Dropdown(label="Bank (choose, or type a new name)", choices=choices,
                                        value=choices[0] if choices else None, allow_custom_value=True,
@@ -164,7 +164,7 @@ def build() -> Any:
                     interrupt_btn = gr.Button("Interrupt", elem_id="seqlora_interrupt")
                     resume_btn = gr.Button("Resume", elem_id="seqlora_resume")
                 task_id = gr.Textbox(visible=False, elem_id="seqlora_task_id")
-                progress = gr.HTML(elem_id="seqlora_train_progress")
+                gr.HTML(elem_id="seqlora_train_progress")  # javascript/seqlora.js writes the progress here
                 result = gr.HTML(elem_id="seqlora_train_result")
             with gr.Column(variant="panel", elem_id="seqlora_bank_column"):
                 gr.HTML("<h3>Bank</h3>")
@@ -207,5 +207,4 @@ def build() -> Any:
         imp_btn.click(fn=do_import, inputs=[bank, imp_file, imp_name, imp_trig], outputs=[bank_view, manage_result])
         exp_btn.click(fn=do_export, inputs=[bank, exp_names, exp_dtype], outputs=[bank_view, manage_result])
         rep_btn.click(fn=do_report, inputs=[bank], outputs=[rep_img, rep_text])
-        del progress
     return blocks
