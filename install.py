@@ -12,5 +12,8 @@ NEEDED = ("torch", "safetensors", "numpy", "PIL")
 
 missing = [name for name in NEEDED if importlib.util.find_spec(name) is None]
 if missing:
-    print(f"SeqLoRA: this Python lacks {', '.join(missing)}; the web UI normally brings them "
-          "(install them into its venv). SeqLoRA installs nothing by itself.", file=sys.stderr)
+    print(
+        f"SeqLoRA: this Python lacks {', '.join(missing)}; the web UI normally brings them "
+        "(install them into its venv). SeqLoRA installs nothing by itself.",
+        file=sys.stderr,
+    )

@@ -3,6 +3,8 @@
 
 def preload(parser):
     parser.add_argument(
-        "--seqlora-dir", type=str, default=None,
+        "--seqlora-dir",
+        type=str,
+        default=None,
         help="folder of SeqLoRA bank files (default: <models>/seqlora); training progress goes in its .autosave",
     )

@@ -31,13 +31,22 @@ class SeqLoRAScript(scripts.Script):
         choices = accordion.bank_choices()
         with InputAccordion(False, label="SeqLoRA", elem_id=f"seqlora_{where}") as enabled:
             with gr.Row():
-                bank = gr.Dropdown(label="Bank", choices=choices, value=choices[0] if choices else None,
-                                   elem_id=f"seqlora_{where}_bank")
+                bank = gr.Dropdown(
+                    label="Bank",
+                    choices=choices,
+                    value=choices[0] if choices else None,
+                    elem_id=f"seqlora_{where}_bank",
+                )
                 refresh = ToolButton(value="\U0001f504", elem_id=f"seqlora_{where}_refresh")
-            concepts = gr.Textbox(label="Concepts (name:strength, !off:strength)", lines=1,
-                                  elem_id=f"seqlora_{where}_concepts", elem_classes=["seqlora-concepts"])
-            picker = gr.HTML(accordion.initial_picker(choices[0] if choices else None),
-                             elem_id=f"seqlora_{where}_picker")
+            concepts = gr.Textbox(
+                label="Concepts (name:strength, !off:strength)",
+                lines=1,
+                elem_id=f"seqlora_{where}_concepts",
+                elem_classes=["seqlora-concepts"],
+            )
+            picker = gr.HTML(
+                accordion.initial_picker(choices[0] if choices else None), elem_id=f"seqlora_{where}_picker"
+            )
             info = gr.HTML(elem_id=f"seqlora_{where}_info")
 
         def refresh_banks(current):
@@ -67,9 +76,16 @@ def _on_ui_settings():
     from modules import shared
 
     section = ("seqlora", "SeqLoRA")
-    shared.opts.add_option("seqlora_export_dtype", shared.OptionInfo(
-        "fp32", "Precision of exported concept files", gr.Radio, {"choices": ["fp32", "fp16", "bf16"]},
-        section=section))
+    shared.opts.add_option(
+        "seqlora_export_dtype",
+        shared.OptionInfo(
+            "fp32",
+            "Precision of exported concept files",
+            gr.Radio,
+            {"choices": ["fp32", "fp16", "bf16"]},
+            section=section,
+        ),
+    )
 
 
 script_callbacks.on_ui_settings(_on_ui_settings)

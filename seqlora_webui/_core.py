@@ -1,9 +1,8 @@
 """Everything this package takes from ``seqlora_core``, in one place.
 
-The web UI extension imports the method only through this module, so a reorganised core is repointed
-here alone. The selection grammar (``name:strength, !off:strength``) is kept as a private copy because
-its home (``nodes/schema.py``) is the ComfyUI side of the repository, which a web UI process must not
-import; ``tests/test_webui_selection.py`` checks that the two copies agree.
+The web UI extension imports the library only through this module, so a reorganised core is repointed
+here alone. Everything here needs torch, safetensors, numpy and Pillow only (never diffusers or
+transformers), which is what Automatic1111's and Forge's venvs are sure to have.
 """
 
 from __future__ import annotations
@@ -17,9 +16,7 @@ from seqlora_core import (
     BankError,
     BankFormatError,
     BankMismatchError,
-    BankVersionError,
     ConceptBank,
-    DuplicateConceptError,
     LayerSpec,
     StepInfo,
     TrainCallbacks,
@@ -28,33 +25,34 @@ from seqlora_core import (
     build_report,
     train_concept,
 )
-from seqlora_core.dataset import ConceptDataset, accepted_types, make_prior_caption
+from seqlora_core.apps.heatmap import heatmap_image
+from seqlora_core.data.dataset import ConceptDataset
 from seqlora_core.files import atomic_write_bytes
-from seqlora_core.lora_io import ARCH_TO_BASE_VERSION, export_concept, import_lora
-from seqlora_core.naming import diffusers_to_ldm_map, guess_structure
-from seqlora_core.report import capacity, heatmap_image
-from seqlora_core.targets import layer_spec, resolve_patterns
+from seqlora_core.interop.bank_lora import export_concept, import_lora
+from seqlora_core.interop.families import check_bank_fits
+from seqlora_core.interop.naming import diffusers_to_ldm_map, guess_structure
+from seqlora_core.method.report import capacity
+from seqlora_core.method.selection import format_selection as format_concepts
+from seqlora_core.method.selection import parse_selection as parse_concepts
+from seqlora_core.method.targets import layer_spec, resolve_patterns
 
 __all__ = [
-    "ARCH_TO_BASE_VERSION",
     "METHODS",
     "PRESETS",
     "BankError",
     "BankFormatError",
     "BankMismatchError",
-    "BankVersionError",
     "ConceptBank",
     "ConceptDataset",
     "LayerSpec",
-    "DuplicateConceptError",
     "StepInfo",
     "TrainCallbacks",
     "TrainConfig",
     "TrainingCancelled",
-    "accepted_types",
     "atomic_write_bytes",
     "build_report",
     "capacity",
+    "check_bank_fits",
     "diffusers_to_ldm_map",
     "export_concept",
     "export_lora",
@@ -63,7 +61,6 @@ __all__ = [
     "heatmap_image",
     "import_lora",
     "layer_spec",
-    "make_prior_caption",
     "parse_concepts",
     "resolve_patterns",
     "train_concept",
@@ -80,43 +77,11 @@ def export_lora(bank: ConceptBank, name: str, path: str | Path, title: str, dtyp
     path = Path(export_concept(bank, name, path, "kohya", dtype))
     raw = path.read_bytes()
     n = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + n])
+    header = json.loads(raw[8 : 8 + n])
     meta = header.setdefault("__metadata__", {})
     meta["ss_output_name"] = title
     meta["modelspec.title"] = title
     text = json.dumps(header, separators=(",", ":")).encode("utf-8")
     text += b" " * (-len(text) % 8)
-    atomic_write_bytes(path, len(text).to_bytes(8, "little") + text + raw[8 + n:])
+    atomic_write_bytes(path, len(text).to_bytes(8, "little") + text + raw[8 + n :])
     return path
-
-
-def parse_concepts(text: str) -> list[tuple[str, float, bool]]:
-    """Parse 'name:strength, !off:0.5, plain' -> [(name, strength, enabled)] (same grammar as ComfyUI's loader).
-
-    A missing strength is 1.0; '!' marks a concept listed but switched off. Raises ValueError on a bad
-    strength or an empty name.
-    """
-    out: list[tuple[str, float, bool]] = []
-    for raw in text.replace("\n", ",").split(","):
-        item = raw.strip()
-        if not item:
-            continue
-        enabled = not item.startswith("!")
-        item = item.lstrip("!").strip()
-        name, sep, strength = item.rpartition(":")
-        if not sep:
-            name, strength = item, "1"
-        name = name.strip()
-        if not name:
-            raise ValueError(f"concepts: empty concept name in {raw.strip()!r}; write 'name:strength'")
-        try:
-            value = float(strength)
-        except ValueError:
-            raise ValueError(f"concepts: strength {strength.strip()!r} of {name!r} is not a number") from None
-        out.append((name, value, enabled))
-    return out
-
-
-def format_concepts(items: list[tuple[str, float, bool]]) -> str:
-    """Inverse of :func:`parse_concepts`."""
-    return ", ".join(f"{'' if on else '!'}{name}:{s:g}" for name, s, on in items)

@@ -15,7 +15,14 @@ import logging
 from typing import Any
 
 from . import exports, host, service, training, views
-from ._core import BankError, BankMismatchError, diffusers_to_ldm_map, guess_structure, parse_concepts
+from ._core import (
+    BankError,
+    BankMismatchError,
+    check_bank_fits,
+    diffusers_to_ldm_map,
+    guess_structure,
+    parse_concepts,
+)
 from .selection import INFOTEXT_KEY, active, add_tags, infotext_value, parse_infotext_value, strip_tags
 from .shapes import check_fits
 
@@ -43,10 +50,11 @@ def picker_html(bank: str, concepts: list[dict[str, Any]] | None = None, error: 
     if not bank:
         return "<div class='seqlora-picker seqlora-muted'>choose a bank (train one in the SeqLoRA tab)</div>"
     data = html.escape(json.dumps([{"name": c["name"], "triggers": c["triggers"]} for c in concepts or []]))
-    rows = "".join(f"<li>{html.escape(c['name'])} <span class='seqlora-muted'>"
-                   f"{html.escape(', '.join(c['triggers']))}</span></li>" for c in concepts or [])
-    return (f"<div class='seqlora-picker' data-bank=\"{html.escape(bank)}\" data-concepts=\"{data}\">"
-            f"<ul>{rows}</ul></div>")
+    rows = "".join(
+        f"<li>{html.escape(c['name'])} <span class='seqlora-muted'>{html.escape(', '.join(c['triggers']))}</span></li>"
+        for c in concepts or []
+    )
+    return f'<div class=\'seqlora-picker\' data-bank="{html.escape(bank)}" data-concepts="{data}"><ul>{rows}</ul></div>'
 
 
 def initial_picker(bank: str | None) -> str:
@@ -93,9 +101,13 @@ def _check_against_model(bank: Any, bank_name: str) -> None:
     """BankMismatchError when the bank's layers are not the loaded model's (the LoRA would not apply)."""
     model = host.sd_model()
     arch = host.architecture(model)
-    if bank.architecture.lower() not in ("unknown", "", arch):
-        raise BankMismatchError(f"{bank_name} was trained on {bank.architecture}, the loaded checkpoint is {arch}; "
-                                "load the checkpoint the bank was trained on")
+    try:
+        check_bank_fits(bank.architecture, arch)
+    except BankMismatchError:
+        raise BankMismatchError(
+            f"{bank_name} was trained on {bank.architecture}, the loaded checkpoint is {arch}; "
+            "load the checkpoint the bank was trained on"
+        ) from None
     if bank.layer_naming == "diffusers":
         bank = bank.renamed_layers(diffusers_to_ldm_map(guess_structure(s.name for s in bank.layers)), "ldm")
     if bank.layer_naming == "ldm":
@@ -113,8 +125,10 @@ def compose(p: Any, bank_name: str, selection: str) -> dict[str, float]:
     bank = banks.load(rel)
     unknown = [n for n in want if n not in bank.names()]
     if unknown:
-        raise ValueError(f"concepts {', '.join(map(repr, unknown))} are not in {rel}; it has: "
-                         f"{', '.join(bank.names()) or 'no concepts'}")
+        raise ValueError(
+            f"concepts {', '.join(map(repr, unknown))} are not in {rel}; it has: "
+            f"{', '.join(bank.names()) or 'no concepts'}"
+        )
     _check_against_model(bank, rel)
     done = training.sync_exports(banks, rel, host.lora_dir(), list(want))
     nets = {e.network: want[e.concept] for e in done}

@@ -56,14 +56,22 @@ def register(app: Any) -> None:
 
     @app.post(PREFIX + "/export")
     def export(body: dict = Body(...)) -> Any:  # noqa: B008 (FastAPI's idiom)
-        return guarded(lambda: {"files": service.export(str(body.get("bank", "")), body.get("concepts"),
-                                                        body.get("dtype"))})
+        return guarded(
+            lambda: {"files": service.export(str(body.get("bank", "")), body.get("concepts"), body.get("dtype"))}
+        )
 
     @app.post(PREFIX + "/import")
     def import_(body: dict = Body(...)) -> Any:  # noqa: B008
-        return guarded(lambda: {"message": service.import_into(str(body.get("bank", "")), str(body.get("lora", "")),
-                                                               str(body.get("name", "")),
-                                                               str(body.get("triggers", "")))})
+        return guarded(
+            lambda: {
+                "message": service.import_into(
+                    str(body.get("bank", "")),
+                    str(body.get("lora", "")),
+                    str(body.get("name", "")),
+                    str(body.get("triggers", "")),
+                )
+            }
+        )
 
     @app.get(PREFIX + "/report")
     def report(name: str) -> Any:
@@ -84,8 +92,11 @@ def register(app: Any) -> None:
 
     @app.post(PREFIX + "/train/resume")
     def resume(body: dict = Body(default={})) -> Any:  # noqa: B008
-        return guarded(lambda: service.start_training(
-            training.saved_job(service.folder(), str(body.get("bank", "")), str(body.get("name", "")))))
+        return guarded(
+            lambda: service.start_training(
+                training.saved_job(service.folder(), str(body.get("bank", "")), str(body.get("name", "")))
+            )
+        )
 
     @app.post(PREFIX + "/train/interrupt")
     def interrupt() -> Any:

@@ -47,13 +47,22 @@ def summary_from_header(header: dict[str, Any]) -> dict[str, Any]:
     concepts = []
     for c in header.get("concepts", []):
         cfg = (c.get("info") or {}).get("config") or {}
-        concepts.append({
-            "name": c["name"], "triggers": list(c.get("triggers", [])), "rank": c.get("rank"),
-            "method": c.get("method"), "source": c.get("source", "trained"), "steps": cfg.get("steps"),
-        })
+        concepts.append(
+            {
+                "name": c["name"],
+                "triggers": list(c.get("triggers", [])),
+                "rank": c.get("rank"),
+                "method": c.get("method"),
+                "source": c.get("source", "trained"),
+                "steps": cfg.get("steps"),
+            }
+        )
     return {
-        "architecture": header.get("architecture"), "layer_naming": header.get("layer_naming"),
-        "layers": len(header.get("layers", [])), "fingerprint": header.get("fingerprint"), "concepts": concepts,
+        "architecture": header.get("architecture"),
+        "layer_naming": header.get("layer_naming"),
+        "layers": len(header.get("layers", [])),
+        "fingerprint": header.get("fingerprint"),
+        "concepts": concepts,
     }
 
 
@@ -64,9 +73,12 @@ def capacity_summary(bank: ConceptBank) -> dict[str, Any]:
         return {"fullest": 0.0, "fullest_layer": None, "full_layers": 0, "layers": 0}
     name, info = max(cap.items(), key=lambda kv: kv[1]["used"] / max(kv[1]["total"], 1))
     return {
-        "fullest": info["used"] / max(info["total"], 1), "fullest_layer": name,
-        "used": info["used"], "total": info["total"],
-        "full_layers": sum(1 for v in cap.values() if v["soft"]), "layers": len(cap),
+        "fullest": info["used"] / max(info["total"], 1),
+        "fullest_layer": name,
+        "used": info["used"],
+        "total": info["total"],
+        "full_layers": sum(1 for v in cap.values() if v["soft"]),
+        "layers": len(cap),
     }
 
 
@@ -122,8 +134,12 @@ class BankFolder:
     def summary(self, name: str) -> dict[str, Any]:
         path = self.resolve(name)
         st = path.stat()
-        return {"bank": self._name_of(path), "size": st.st_size, "mtime": st.st_mtime,
-                **summary_from_header(read_header(path))}
+        return {
+            "bank": self._name_of(path),
+            "size": st.st_size,
+            "mtime": st.st_mtime,
+            **summary_from_header(read_header(path)),
+        }
 
     def load(self, name: str) -> ConceptBank:
         """The bank (cached while the file's size and mtime are unchanged)."""

@@ -22,7 +22,7 @@ from ._core import ConceptBank, atomic_write_bytes, export_lora
 SUBFOLDER = "seqlora"
 FORMAT = 1  # bump when the exported file layout changes
 SEP = "__"
-SD_VERSIONS = {"sd15": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
+SD_VERSIONS = {"sd15": "SD1", "sd2": "SD2", "sd2v": "SD2", "sdxl": "SDXL"}
 
 
 @dataclass
@@ -83,8 +83,9 @@ def is_current(path: Path, digest: str, dtype: str) -> bool:
     return mark.get("digest") == digest and mark.get("dtype") == dtype and mark.get("format") == FORMAT
 
 
-def _sidecar(old: dict[str, Any], bank_name: str, bank: ConceptBank, concept: str, digest: str,
-             dtype: str) -> dict[str, Any]:
+def _sidecar(
+    old: dict[str, Any], bank_name: str, bank: ConceptBank, concept: str, digest: str, dtype: str
+) -> dict[str, Any]:
     c = bank.concept(concept)
     data = dict(old)  # keep what the user edited in the host's card editor
     data["activation text"] = ", ".join(c.triggers)
@@ -99,8 +100,14 @@ def export_dir(lora_dir: str | Path) -> Path:
     return Path(lora_dir) / SUBFOLDER
 
 
-def sync(bank_name: str, bank: ConceptBank, lora_dir: str | Path, concepts: Iterable[str] | None = None,
-         dtype: str = "fp32", prune: bool = True) -> list[Exported]:
+def sync(
+    bank_name: str,
+    bank: ConceptBank,
+    lora_dir: str | Path,
+    concepts: Iterable[str] | None = None,
+    dtype: str = "fp32",
+    prune: bool = True,
+) -> list[Exported]:
     """Make the exported files of `concepts` (default: all) current; remove those of dropped concepts.
 
     Returns one entry per requested concept, in the requested order.

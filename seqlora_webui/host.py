@@ -100,12 +100,12 @@ def diffusion_model(model: Any | None = None) -> Any:
 
 
 def architecture(model: Any | None = None) -> str:
-    """The loaded model's family in the bank vocabulary: "sd15", "sd2", "sdxl" (or "unknown")."""
+    """The loaded model's family in the bank vocabulary: "sd15", "sd2", "sd2v", "sdxl" (or "unknown")."""
     model = model or sd_model()
     if getattr(model, "is_sdxl", False):
         return "sdxl"
     if getattr(model, "is_sd2", False):
-        return "sd2"
+        return "sd2v" if getattr(model, "parameterization", "eps") == "v" else "sd2"
     if getattr(model, "is_sd1", False):
         return "sd15"
     return "unknown"
@@ -123,8 +123,9 @@ def forget_applied_networks() -> None:
         model = shared.sd_model
         if hasattr(model, "current_lora_hash"):
             model.current_lora_hash = "seqlora-stale"
-        loader = getattr(getattr(getattr(getattr(model, "forge_objects", None), "unet", None), "model", None),
-                         "lora_loader", None)
+        loader = getattr(
+            getattr(getattr(getattr(model, "forge_objects", None), "unet", None), "model", None), "lora_loader", None
+        )
         if loader is not None:
             loader.loaded_hash = "seqlora-stale"
         return
@@ -152,13 +153,17 @@ def clean_base_for_training() -> None:
 def training_unsupported_reason(model: Any) -> str | None:
     """Why training cannot run on the loaded model here (None when it can)."""
     if hasattr(model, "forge_objects"):
-        return ("training inside Forge is not supported yet (its engine has no LDM training interface); "
-                "train the concept in Automatic1111 or with `python -m seqlora_core train`, then put the bank "
-                "in this banks folder: composing, exporting and importing work here")
+        return (
+            "training inside Forge is not supported yet (its engine has no LDM training interface); "
+            "train the concept in Automatic1111 or with `python -m seqlora_core train`, then put the bank "
+            "in this banks folder: composing, exporting and importing work here"
+        )
     if getattr(model, "is_sdxl", False):
-        return ("training an SDXL checkpoint in the web UI is not supported yet (its size and time "
-                "conditioning are not handled); train SDXL concepts with `python -m seqlora_core train`; "
-                "the bank composes here")
+        return (
+            "training an SDXL checkpoint in the web UI is not supported yet (its size and time "
+            "conditioning are not handled); train SDXL concepts with `python -m seqlora_core train`; "
+            "the bank composes here"
+        )
     if getattr(model, "is_sd3", False):
         return "SD3 checkpoints are not supported; SeqLoRA trains SD1.x and SD2.x here"
     for attr in ("apply_model", "get_learned_conditioning", "encode_first_stage", "alphas_cumprod"):

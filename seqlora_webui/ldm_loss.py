@@ -37,8 +37,9 @@ def _step_seed(seed: int, step: int, salt: int) -> int:
     return (int(seed) * 1_000_003 + int(step) * 7919 + salt) % (2**63 - 1)
 
 
-def make_batches(n_items: int, batch_size: int, seed: int, latent_shape: Sequence[int], num_timesteps: int,
-                 prior: bool = False) -> Callable[[int], dict[str, Any]]:
+def make_batches(
+    n_items: int, batch_size: int, seed: int, latent_shape: Sequence[int], num_timesteps: int, prior: bool = False
+) -> Callable[[int], dict[str, Any]]:
     """step -> {"idx", "noise", "t", "prior"}: image indices, noise and integer timesteps."""
     if n_items < 1:
         raise ValueError("no training images")
@@ -62,15 +63,15 @@ def _coefficients(alphas_cumprod: torch.Tensor, t: torch.Tensor, ndim: int) -> t
     return acp.sqrt().view(shape), (1.0 - acp).sqrt().view(shape)
 
 
-def noisy_latents(x0: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor,
-                  t: torch.Tensor) -> torch.Tensor:
+def noisy_latents(x0: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """x_t = sqrt(acp[t]) x0 + sqrt(1 - acp[t]) noise (LDM ``q_sample``)."""
     a, s = _coefficients(alphas_cumprod, t, x0.ndim)
     return (a.to(x0.device) * x0.double() + s.to(x0.device) * noise.double()).to(x0.dtype)
 
 
-def target(x0: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor, t: torch.Tensor,
-           parameterization: str) -> torch.Tensor:
+def target(
+    x0: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor, t: torch.Tensor, parameterization: str
+) -> torch.Tensor:
     """What the model predicts: the noise ("eps") or the velocity ("v", LDM ``get_v``)."""
     if parameterization == "eps":
         return noise

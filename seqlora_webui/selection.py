@@ -36,7 +36,7 @@ def parse_infotext_value(value: str) -> tuple[str, str]:
     text = value.strip().strip('"').strip()
     cut = text.find(BANK_SUFFIX + ":")
     if cut >= 0:
-        bank, selection = text[: cut + len(BANK_SUFFIX)], text[cut + len(BANK_SUFFIX) + 1:]
+        bank, selection = text[: cut + len(BANK_SUFFIX)], text[cut + len(BANK_SUFFIX) + 1 :]
     else:
         bank, sep, selection = text.partition(":")
         if not sep:

@@ -65,8 +65,11 @@ def bank_info(name: str) -> dict[str, Any]:
         net = exports.network_name(info["bank"], c["name"])
         path = exports.export_dir(lora_dir) / f"{net}.safetensors"
         c["network"] = net
-        c["exported"] = exports.is_current(path, exports.concept_digest(bank, c["name"]),
-                                           exports.read_sidecar(path).get("seqlora", {}).get("dtype", ""))
+        c["exported"] = exports.is_current(
+            path,
+            exports.concept_digest(bank, c["name"]),
+            exports.read_sidecar(path).get("seqlora", {}).get("dtype", ""),
+        )
     return info
 
 
@@ -74,8 +77,9 @@ def export(name: str, concepts: list[str] | None = None, dtype: str | None = Non
     if dtype is not None and dtype not in ("fp16", "bf16", "fp32"):
         raise ValueError(f"dtype: {dtype!r}; use fp32, fp16 or bf16")
     banks = folder()
-    done = training.sync_exports(banks, banks.resolve(name).relative_to(banks.root).as_posix(), host.lora_dir(),
-                                 concepts or None, dtype)
+    done = training.sync_exports(
+        banks, banks.resolve(name).relative_to(banks.root).as_posix(), host.lora_dir(), concepts or None, dtype
+    )
     return [{"concept": e.concept, "network": e.network, "path": str(e.path), "written": e.written} for e in done]
 
 
@@ -91,8 +95,10 @@ def resolve_lora(path_or_name: str) -> Path:
         if not p.suffix:
             p = p.with_suffix(".safetensors")
     if p.suffix.lower() != ".safetensors":
-        raise ValueError(f"LoRA file: {p.name} is not a .safetensors file; only safetensors LoRAs are read "
-                         "(pickled .pt/.ckpt files are never loaded)")
+        raise ValueError(
+            f"LoRA file: {p.name} is not a .safetensors file; only safetensors LoRAs are read "
+            "(pickled .pt/.ckpt files are never loaded)"
+        )
     if not p.is_file():
         raise FileNotFoundError(f"LoRA file {str(p)!r} not found")
     return p
@@ -121,8 +127,10 @@ def import_into(bank_name: str, lora: str, name: str, triggers: str = "") -> str
     training.sync_exports(banks, rel, host.lora_dir())
     c = new.concept(concept)
     used = c.info.get("layers_used")
-    return (f"imported {src.name} into {rel} as frozen concept '{concept}' ({used} of {len(new.layers)} layers, "
-            f"rank {c.rank}); later concepts are trained orthogonal to it")
+    return (
+        f"imported {src.name} into {rel} as frozen concept '{concept}' ({used} of {len(new.layers)} layers, "
+        f"rank {c.rank}); later concepts are trained orthogonal to it"
+    )
 
 
 def report(name: str) -> dict[str, Any]:
@@ -167,8 +175,16 @@ def start_training(req: TrainRequest) -> dict[str, Any]:
         if _worker is not None and _worker.is_alive():
             raise RuntimeError(f"a training is running ({training.STATUS.name!r}); wait for it or interrupt it")
         job = f"seqlora-{uuid.uuid4().hex[:8]}"
-        training._update(state="queued", bank=bank_path.name, name=req.name.strip(), message="waiting for the queue",
-                         step=0, total=int(req.steps), losses=[], resumed_from=None)
+        training._update(
+            state="queued",
+            bank=bank_path.name,
+            name=req.name.strip(),
+            message="waiting for the queue",
+            step=0,
+            total=int(req.steps),
+            losses=[],
+            resumed_from=None,
+        )
         _worker = threading.Thread(target=_train_in_queue, args=(req, job), name=job, daemon=True)
         _worker.start()
     return {"job": job, **training.STATUS.as_dict()}

@@ -31,8 +31,13 @@ def weight_spec(name: str, module: nn.Module) -> LayerSpec | None:
     if w.ndim == 2:
         return LayerSpec(name, "linear", int(w.shape[0]), int(w.shape[1]))
     if w.ndim == 4:
-        return LayerSpec(name, "conv2d", int(w.shape[0]), int(w.shape[1] * w.shape[2] * w.shape[3]),
-                         (int(w.shape[2]), int(w.shape[3])))
+        return LayerSpec(
+            name,
+            "conv2d",
+            int(w.shape[0]),
+            int(w.shape[1] * w.shape[2] * w.shape[3]),
+            (int(w.shape[2]), int(w.shape[3])),
+        )
     return None
 
 
@@ -67,11 +72,15 @@ def check_fits(bank: ConceptBank, model: Any) -> None:
         if have is None:
             problems.append(f"{spec.name}: no Linear/Conv2d weight")
         elif have != spec:
-            problems.append(f"{spec.name}: bank {spec.out_features}x{spec.in_features}, "
-                            f"model {have.out_features}x{have.in_features}")
+            problems.append(
+                f"{spec.name}: bank {spec.out_features}x{spec.in_features}, "
+                f"model {have.out_features}x{have.in_features}"
+            )
     if problems:
         raise BankMismatchError(
             f"this bank ({bank.architecture}, {bank.layer_naming} names) does not fit the loaded checkpoint: "
-            f"{len(problems)} of {len(bank.layers)} layers differ: " + "; ".join(problems[:5])
-            + ("; ..." if len(problems) > 5 else "") + ". Load the checkpoint the bank was trained on."
+            f"{len(problems)} of {len(bank.layers)} layers differ: "
+            + "; ".join(problems[:5])
+            + ("; ..." if len(problems) > 5 else "")
+            + ". Load the checkpoint the bank was trained on."
         )

@@ -35,13 +35,39 @@ def show_bank(name: str) -> str:
         return views.error_html(msg)
 
 
-def _request(bank, name, triggers, images, caption_template, method, rank, steps, lr, budget, targets,
-             resolution, batch_size, seed, checkpoint_every) -> TrainRequest:
+def _request(
+    bank,
+    name,
+    triggers,
+    images,
+    caption_template,
+    method,
+    rank,
+    steps,
+    lr,
+    budget,
+    targets,
+    resolution,
+    batch_size,
+    seed,
+    checkpoint_every,
+) -> TrainRequest:
     return TrainRequest(
-        bank=str(bank or ""), name=str(name or ""), triggers=str(triggers or ""), images=str(images or ""),
-        caption_template=str(caption_template or "a photo of {trigger}"), method=str(method), rank=int(rank),
-        steps=int(steps), lr=float(lr), budget=float(budget), targets=str(targets), resolution=int(resolution),
-        batch_size=int(batch_size), seed=int(seed), checkpoint_every=int(checkpoint_every),
+        bank=str(bank or ""),
+        name=str(name or ""),
+        triggers=str(triggers or ""),
+        images=str(images or ""),
+        caption_template=str(caption_template or "a photo of {trigger}"),
+        method=str(method),
+        rank=int(rank),
+        steps=int(steps),
+        lr=float(lr),
+        budget=float(budget),
+        targets=str(targets),
+        resolution=int(resolution),
+        batch_size=int(batch_size),
+        seed=int(seed),
+        checkpoint_every=int(checkpoint_every),
     )
 
 
@@ -97,8 +123,11 @@ def do_export(bank: str, concepts: str, dtype: str) -> tuple[str, str]:
         if msg is None:
             raise
         return show_bank(bank), views.error_html(msg)
-    lines = "".join(f"<li><code>&lt;lora:{html.escape(f['network'])}:1&gt;</code> "
-                    f"{'written' if f['written'] else 'already current'}: {html.escape(f['path'])}</li>" for f in files)
+    lines = "".join(
+        f"<li><code>&lt;lora:{html.escape(f['network'])}:1&gt;</code> "
+        f"{'written' if f['written'] else 'already current'}: {html.escape(f['path'])}</li>"
+        for f in files
+    )
     return show_bank(bank), f"<div class='seqlora-ok'>exported {len(files)} concept(s):<ul>{lines}</ul></div>"
 
 
@@ -127,38 +156,50 @@ def build() -> Any:
     with gr.Blocks(analytics_enabled=False) as blocks:
         with gr.Row(equal_height=False):
             with gr.Column(variant="panel", elem_id="seqlora_train_column"):
-                gr.HTML("<h3>Train a concept</h3><p class='seqlora-muted'>on the loaded checkpoint, into a bank "
-                        f"in <code>{html.escape(host.banks_dir_label())}</code></p>")
+                gr.HTML(
+                    "<h3>Train a concept</h3><p class='seqlora-muted'>on the loaded checkpoint, into a bank "
+                    f"in <code>{html.escape(host.banks_dir_label())}</code></p>"
+                )
                 with gr.Row():
-                    bank = gr.Dropdown(label="Bank (choose, or type a new name)", choices=choices,
-                                       value=choices[0] if choices else None, allow_custom_value=True,
-                                       elem_id="seqlora_bank")
+                    bank = gr.Dropdown(
+                        label="Bank (choose, or type a new name)",
+                        choices=choices,
+                        value=choices[0] if choices else None,
+                        allow_custom_value=True,
+                        elem_id="seqlora_bank",
+                    )
                     refresh = ToolButton(value=REFRESH, elem_id="seqlora_bank_refresh")
                 with gr.Row():
                     name = gr.Textbox(label="Concept name", placeholder="my_dog", elem_id="seqlora_name")
                     triggers = gr.Textbox(label="Trigger words", placeholder="sks dog", elem_id="seqlora_triggers")
-                images = gr.Textbox(label="Image folder", placeholder="/path/to/images (kohya N_name folders work)",
-                                    elem_id="seqlora_images")
-                caption = gr.Textbox(label="Caption for images without a .txt", value="a photo of {trigger}",
-                                     elem_id="seqlora_caption")
+                images = gr.Textbox(
+                    label="Image folder",
+                    placeholder="/path/to/images (kohya N_name folders work)",
+                    elem_id="seqlora_images",
+                )
+                caption = gr.Textbox(
+                    label="Caption for images without a .txt", value="a photo of {trigger}", elem_id="seqlora_caption"
+                )
                 with gr.Accordion("Settings", open=False):
                     with gr.Row():
-                        method = gr.Dropdown(label="Method", choices=list(METHODS), value="seqlora",
-                                             elem_id="seqlora_method")
-                        targets = gr.Dropdown(label="Layers", choices=list(PRESETS), value="attn",
-                                              elem_id="seqlora_targets")
+                        method = gr.Dropdown(
+                            label="Method", choices=list(METHODS), value="seqlora", elem_id="seqlora_method"
+                        )
+                        targets = gr.Dropdown(
+                            label="Layers", choices=list(PRESETS), value="attn", elem_id="seqlora_targets"
+                        )
                         rank = gr.Number(label="Rank", value=4, precision=0, elem_id="seqlora_rank")
                     with gr.Row():
                         steps = gr.Number(label="Steps", value=500, precision=0, elem_id="seqlora_steps")
                         lr = gr.Number(label="Learning rate", value=1e-4, elem_id="seqlora_lr")
                         budget = gr.Number(label="Interference budget", value=0.05, elem_id="seqlora_budget")
                     with gr.Row():
-                        resolution = gr.Number(label="Resolution", value=512, precision=0,
-                                               elem_id="seqlora_resolution")
+                        resolution = gr.Number(label="Resolution", value=512, precision=0, elem_id="seqlora_resolution")
                         batch = gr.Number(label="Batch size", value=1, precision=0, elem_id="seqlora_batch")
                         seed = gr.Number(label="Seed", value=0, precision=0, elem_id="seqlora_seed")
-                        every = gr.Number(label="Save progress every (steps)", value=50, precision=0,
-                                          elem_id="seqlora_every")
+                        every = gr.Number(
+                            label="Save progress every (steps)", value=50, precision=0, elem_id="seqlora_every"
+                        )
                 with gr.Row():
                     train_btn = gr.Button("Train", variant="primary", elem_id="seqlora_train")
                     interrupt_btn = gr.Button("Interrupt", elem_id="seqlora_interrupt")
@@ -171,27 +212,52 @@ def build() -> Any:
                 bank_view = gr.HTML(show_bank(choices[0]) if choices else show_bank(""), elem_id="seqlora_bank_view")
                 with gr.Accordion("Import a LoRA as a frozen concept", open=False):
                     with gr.Row():
-                        imp_file = gr.Textbox(label="LoRA file (name in the Lora folder, or a full path)",
-                                              elem_id="seqlora_import_file")
+                        imp_file = gr.Textbox(
+                            label="LoRA file (name in the Lora folder, or a full path)", elem_id="seqlora_import_file"
+                        )
                         imp_name = gr.Textbox(label="Concept name", elem_id="seqlora_import_name")
                         imp_trig = gr.Textbox(label="Trigger words (optional)", elem_id="seqlora_import_triggers")
                     imp_btn = gr.Button("Import", elem_id="seqlora_import")
                 with gr.Accordion("Export concepts as LoRA files", open=False):
                     with gr.Row():
-                        exp_names = gr.Textbox(label="Concepts (comma-separated; empty = all)",
-                                               elem_id="seqlora_export_concepts")
-                        exp_dtype = gr.Dropdown(label="Precision", choices=["fp32", "fp16", "bf16"], value="fp32",
-                                                elem_id="seqlora_export_dtype")
+                        exp_names = gr.Textbox(
+                            label="Concepts (comma-separated; empty = all)", elem_id="seqlora_export_concepts"
+                        )
+                        exp_dtype = gr.Dropdown(
+                            label="Precision",
+                            choices=["fp32", "fp16", "bf16"],
+                            value="fp32",
+                            elem_id="seqlora_export_dtype",
+                        )
                     exp_btn = gr.Button("Export", elem_id="seqlora_export")
                 with gr.Accordion("Interference report", open=False):
                     rep_btn = gr.Button("Show report", elem_id="seqlora_report")
-                    rep_img = gr.Image(label="relative interference R(t->j)/R(t->t)", type="pil", interactive=False,
-                                       elem_id="seqlora_report_image")
+                    rep_img = gr.Image(
+                        label="relative interference R(t->j)/R(t->t)",
+                        type="pil",
+                        interactive=False,
+                        elem_id="seqlora_report_image",
+                    )
                     rep_text = gr.HTML(elem_id="seqlora_report_text")
                 manage_result = gr.HTML(elem_id="seqlora_manage_result")
 
-        fields = [bank, name, triggers, images, caption, method, rank, steps, lr, budget, targets, resolution,
-                  batch, seed, every]
+        fields = [
+            bank,
+            name,
+            triggers,
+            images,
+            caption,
+            method,
+            rank,
+            steps,
+            lr,
+            budget,
+            targets,
+            resolution,
+            batch,
+            seed,
+            every,
+        ]
 
         def refresh_banks(current):
             new = _bank_choices()
@@ -199,10 +265,18 @@ def build() -> Any:
 
         refresh.click(fn=refresh_banks, inputs=[bank], outputs=[bank])
         bank.change(fn=show_bank, inputs=[bank], outputs=[bank_view])
-        train_btn.click(fn=wrap_gradio_gpu_call(train, extra_outputs=[gr.update()]), _js="seqlora_start_training",
-                        inputs=[task_id, *fields], outputs=[bank_view, result])
-        resume_btn.click(fn=wrap_gradio_gpu_call(resume, extra_outputs=[gr.update()]), _js="seqlora_start_training",
-                         inputs=[task_id, bank, name], outputs=[bank_view, result])
+        train_btn.click(
+            fn=wrap_gradio_gpu_call(train, extra_outputs=[gr.update()]),
+            _js="seqlora_start_training",
+            inputs=[task_id, *fields],
+            outputs=[bank_view, result],
+        )
+        resume_btn.click(
+            fn=wrap_gradio_gpu_call(resume, extra_outputs=[gr.update()]),
+            _js="seqlora_start_training",
+            inputs=[task_id, bank, name],
+            outputs=[bank_view, result],
+        )
         interrupt_btn.click(fn=lambda: host.state().interrupt(), inputs=[], outputs=[])
         imp_btn.click(fn=do_import, inputs=[bank, imp_file, imp_name, imp_trig], outputs=[bank_view, manage_result])
         exp_btn.click(fn=do_export, inputs=[bank, exp_names, exp_dtype], outputs=[bank_view, manage_result])

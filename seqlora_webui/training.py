@@ -35,6 +35,7 @@ from ._core import (
     TrainCallbacks,
     TrainConfig,
     TrainingCancelled,
+    check_bank_fits,
     diffusers_to_ldm_map,
     guess_structure,
     train_concept,
@@ -94,8 +95,10 @@ class TrainRequest:
         if not str(self.images).strip():
             raise TrainInputError("image folder: empty; give the folder that holds the concept's images")
         if not folder.is_dir():
-            raise TrainInputError(f"image folder: {str(folder)!r} does not exist or is not a folder; give the "
-                                  "folder of the concept's images (png/jpg/webp/bmp, optional same-name .txt)")
+            raise TrainInputError(
+                f"image folder: {str(folder)!r} does not exist or is not a folder; give the "
+                "folder of the concept's images (png/jpg/webp/bmp, optional same-name .txt)"
+            )
         if self.method not in METHODS:
             raise TrainInputError(f"method: unknown {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.targets not in PRESETS:
@@ -119,10 +122,20 @@ class TrainRequest:
     def config(self, checkpoint: Path, arch: str, extra: dict[str, Any] | None = None) -> TrainConfig:
         try:
             return TrainConfig(
-                name=self.name.strip(), triggers=self.trigger_list(), method=self.method, rank=int(self.rank),
-                steps=int(self.steps), lr=float(self.lr), budget=float(self.budget), targets=self.targets,
-                seed=int(self.seed), checkpoint_path=str(checkpoint), checkpoint_every=int(self.checkpoint_every),
-                layer_naming="ldm", architecture=arch, extra_info=dict(extra or {}),
+                name=self.name.strip(),
+                triggers=self.trigger_list(),
+                method=self.method,
+                rank=int(self.rank),
+                steps=int(self.steps),
+                lr=float(self.lr),
+                budget=float(self.budget),
+                targets=self.targets,
+                seed=int(self.seed),
+                checkpoint_path=str(checkpoint),
+                checkpoint_every=int(self.checkpoint_every),
+                layer_naming="ldm",
+                architecture=arch,
+                extra_info=dict(extra or {}),
             )
         except (TypeError, ValueError) as e:
             raise TrainInputError(str(e)) from None
@@ -195,11 +208,16 @@ def _load_bank(banks: BankFolder, path: Path, name: str, model_arch: str, diffus
     except BankError as e:
         raise TrainInputError(f"bank: {e}") from None
     if name in bank.names():
-        raise TrainInputError(f"concept name: {name!r} is already in {path.name} (it has {', '.join(bank.names())}); "
-                              "choose another name")
-    if bank.architecture.lower() not in ("unknown", "", model_arch):
-        raise TrainInputError(f"bank: {path.name} was trained on {bank.architecture} but the loaded checkpoint is "
-                              f"{model_arch}; load the checkpoint the bank was trained on, or choose a new bank name")
+        raise TrainInputError(
+            f"concept name: {name!r} is already in {path.name} (it has {', '.join(bank.names())}); choose another name"
+        )
+    try:
+        check_bank_fits(bank.architecture, model_arch)
+    except BankMismatchError:
+        raise TrainInputError(
+            f"bank: {path.name} was trained on {bank.architecture} but the loaded checkpoint is "
+            f"{model_arch}; load the checkpoint the bank was trained on, or choose a new bank name"
+        ) from None
     if bank.layer_naming == "diffusers":
         bank = bank.renamed_layers(diffusers_to_ldm_map(guess_structure(s.name for s in bank.layers)), "ldm")
     try:
@@ -226,13 +244,17 @@ def loss_chart_svg(losses: list[float], width: int = 320, height: int = 60) -> s
     if len(vals) < 2:
         return ""
     k = max(1, len(vals) // 100)
-    pts = [sum(vals[i:i + k]) / len(vals[i:i + k]) for i in range(0, len(vals), k)]
+    pts = [sum(vals[i : i + k]) / len(vals[i : i + k]) for i in range(0, len(vals), k)]
     lo, hi = min(pts), max(pts)
     span = (hi - lo) or 1.0
-    coords = " ".join(f"{i * (width - 2) / (len(pts) - 1) + 1:.1f},{(1 - (v - lo) / span) * (height - 4) + 2:.1f}"
-                      for i, v in enumerate(pts))
-    return (f"<svg class='seqlora-loss' width='{width}' height='{height}' viewBox='0 0 {width} {height}'>"
-            f"<polyline fill='none' stroke='currentColor' stroke-width='1.5' points='{coords}'/></svg>")
+    coords = " ".join(
+        f"{i * (width - 2) / (len(pts) - 1) + 1:.1f},{(1 - (v - lo) / span) * (height - 4) + 2:.1f}"
+        for i, v in enumerate(pts)
+    )
+    return (
+        f"<svg class='seqlora-loss' width='{width}' height='{height}' viewBox='0 0 {width} {height}'>"
+        f"<polyline fill='none' stroke='currentColor' stroke-width='1.5' points='{coords}'/></svg>"
+    )
 
 
 def _encode(model: Any, ds: ConceptDataset) -> LatentData:
@@ -249,7 +271,7 @@ def _encode(model: Any, ds: ConceptDataset) -> LatentData:
         cond = model.get_learned_conditioning(texts)
         if isinstance(cond, dict):  # SDXL-style conditioning is refused before this point
             raise TrainInputError("this checkpoint's conditioning is not a single tensor; SeqLoRA trains SD1.x/SD2.x")
-        table = {t: cond[j:j + 1].detach().float().cpu() for j, t in enumerate(texts)}
+        table = {t: cond[j : j + 1].detach().float().cpu() for j, t in enumerate(texts)}
     sizes = {tuple(v.shape) for v in lat.values()}
     if len(sizes) != 1:
         raise TrainInputError(f"images gave latents of different sizes {sorted(sizes)}; use one resolution")
@@ -277,21 +299,37 @@ def run(req: TrainRequest, banks: BankFolder, lora_dir: Path | None = None) -> s
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            ds = ConceptDataset.from_folder(folder, ", ".join(req.trigger_list()), req.caption_template,
-                                            int(req.resolution))
+            ds = ConceptDataset.from_folder(
+                folder, ", ".join(req.trigger_list()), req.caption_template, int(req.resolution)
+            )
         except (OSError, ValueError) as e:
             raise TrainInputError(f"image folder: {e}") from None
     notes = [str(w.message) for w in caught]
     checkpoint, job_file = job_paths(banks, bank_path, name)
     info = getattr(model, "sd_checkpoint_info", None)
-    extra = {"trained_in": host.host_name(), "checkpoint": getattr(info, "title", None),
-             "images": len(ds.weighted_indices())}
+    extra = {
+        "trained_in": host.host_name(),
+        "checkpoint": getattr(info, "title", None),
+        "images": len(ds.weighted_indices()),
+    }
     cfg = req.config(checkpoint, arch, extra)
 
     state = host.state()
-    _update(state="running", bank=bank_path.name, name=name, phase="encoding images", step=0, total=cfg.steps,
-            loss=None, interference=None, losses=[], resumed_from=None, message="", started=time.time(),
-            finished=None)
+    _update(
+        state="running",
+        bank=bank_path.name,
+        name=name,
+        phase="encoding images",
+        step=0,
+        total=cfg.steps,
+        loss=None,
+        interference=None,
+        losses=[],
+        resumed_from=None,
+        message="",
+        started=time.time(),
+        finished=None,
+    )
     state.job = "seqlora-train"
     state.job_count = cfg.steps
     state.job_no = 0
@@ -333,8 +371,10 @@ def run(req: TrainRequest, banks: BankFolder, lora_dir: Path | None = None) -> s
         with torch.inference_mode(False), torch.enable_grad():
             new_bank = train_concept(diffusion, loss_fn, batches, cfg, bank, prior_batches, callbacks)
     except TrainingCancelled as e:
-        msg = (f"interrupted '{name}' at step {e.step}/{cfg.steps}; progress is saved, press Resume "
-               "(or Train with the same settings) to continue")
+        msg = (
+            f"interrupted '{name}' at step {e.step}/{cfg.steps}; progress is saved, press Resume "
+            "(or Train with the same settings) to continue"
+        )
         _update(state="interrupted", phase="interrupted", message=msg, finished=time.time())
         return msg
     except Exception as e:
@@ -347,16 +387,19 @@ def run(req: TrainRequest, banks: BankFolder, lora_dir: Path | None = None) -> s
     c = new_bank.concept(name)
     took = c.timings.get("total_s", 0.0)
     resumed = f" (resumed at step {STATUS.resumed_from})" if STATUS.resumed_from else ""
-    msg = (f"learned '{name}' ({c.method}, rank {c.rank}, {cfg.steps} steps{resumed}) in {took:.0f} s; "
-           f"{bank_path.name} now holds {len(new_bank.concepts)} concept(s): {', '.join(new_bank.names())}")
+    msg = (
+        f"learned '{name}' ({c.method}, rank {c.rank}, {cfg.steps} steps{resumed}) in {took:.0f} s; "
+        f"{bank_path.name} now holds {len(new_bank.concepts)} concept(s): {', '.join(new_bank.names())}"
+    )
     if notes:
         msg += "; note: " + "; ".join(notes)
     _update(state="done", phase="done", message=msg, finished=time.time())
     return msg
 
 
-def sync_exports(banks: BankFolder, bank_name: str, lora_dir: Path, concepts: list[str] | None = None,
-                 dtype: str | None = None) -> list[exports.Exported]:
+def sync_exports(
+    banks: BankFolder, bank_name: str, lora_dir: Path, concepts: list[str] | None = None, dtype: str | None = None
+) -> list[exports.Exported]:
     """Bring the exported LoRA files of `bank_name` up to date and let the host's Lora network see them.
 
     `dtype`: the files' precision (default: the "SeqLoRA" setting, fp32 unless changed).

@@ -33,15 +33,22 @@ def bank_table(info: dict[str, Any]) -> str:
         )
     cap = info.get("capacity") or {}
     fullest = cap.get("fullest", 0.0)
-    cap_line = (f"capacity: fullest layer {fullest:.0%} used ({cap.get('used', 0)} of {cap.get('total', 0)} dims"
-                f"{', ' + html.escape(str(cap.get('fullest_layer'))) if cap.get('fullest_layer') else ''}); "
-                f"{cap.get('full_layers', 0)} of {cap.get('layers', 0)} layers full")
-    head = (f"<p><b>{html.escape(info.get('bank', ''))}</b>: {len(info.get('concepts', []))} concepts, "
-            f"{html.escape(str(info.get('architecture')))}, {info.get('layers')} layers "
-            f"({html.escape(str(info.get('layer_naming')))} names)</p>")
-    table = ("<table class='seqlora-table'><thead><tr><th>#</th><th>concept</th><th>triggers</th><th>method</th>"
-             "<th>rank</th><th>steps</th><th>source</th><th>exported</th></tr></thead><tbody>"
-             + "".join(rows) + "</tbody></table>")
+    cap_line = (
+        f"capacity: fullest layer {fullest:.0%} used ({cap.get('used', 0)} of {cap.get('total', 0)} dims"
+        f"{', ' + html.escape(str(cap.get('fullest_layer'))) if cap.get('fullest_layer') else ''}); "
+        f"{cap.get('full_layers', 0)} of {cap.get('layers', 0)} layers full"
+    )
+    head = (
+        f"<p><b>{html.escape(info.get('bank', ''))}</b>: {len(info.get('concepts', []))} concepts, "
+        f"{html.escape(str(info.get('architecture')))}, {info.get('layers')} layers "
+        f"({html.escape(str(info.get('layer_naming')))} names)</p>"
+    )
+    table = (
+        "<table class='seqlora-table'><thead><tr><th>#</th><th>concept</th><th>triggers</th><th>method</th>"
+        "<th>rank</th><th>steps</th><th>source</th><th>exported</th></tr></thead><tbody>"
+        + "".join(rows)
+        + "</tbody></table>"
+    )
     return f"<div class='seqlora-bank'>{head}{table}<p>{cap_line}</p></div>"
 
 
@@ -52,7 +59,8 @@ def report_html(rep: dict[str, Any], pairs: list[dict[str, Any]]) -> str:
         return ok_html("the interference report needs at least two concepts in the bank")
     rows = "".join(
         f"<tr><td>{html.escape(p['a'])}</td><td>{html.escape(p['b'])}</td><td>{_fmt(p['a_on_b'])}</td>"
-        f"<td>{_fmt(p['b_on_a'])}</td></tr>" for p in pairs
+        f"<td>{_fmt(p['b_on_a'])}</td></tr>"
+        for p in pairs
     )
     drift = ", ".join(f"{html.escape(n)} {_fmt(d)}" for n, d in zip(names, rep["base_drift"], strict=True))
     return (
@@ -70,6 +78,7 @@ def selection_info(concepts: list[dict[str, Any]], active: dict[str, float]) -> 
     on = [c for c in concepts if c["name"] in active]
     if not on:
         return "<span class='seqlora-muted'>no concept is on</span>"
-    parts = [f"<b>{html.escape(c['name'])}</b> {active[c['name']]:g}: {html.escape(', '.join(c['triggers']))}"
-             for c in on]
+    parts = [
+        f"<b>{html.escape(c['name'])}</b> {active[c['name']]:g}: {html.escape(', '.join(c['triggers']))}" for c in on
+    ]
     return "<span class='seqlora-triggers'>triggers: " + "; ".join(parts) + "</span>"

@@ -114,17 +114,20 @@ def form(tmp_path: Path, **kw) -> TrainRequest:
     return TrainRequest(**{"bank": "b", "name": "sks", "triggers": "sks dog", "images": str(images), **kw})
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"name": " "}, "concept name: empty"),
-    ({"triggers": " , "}, "trigger words: empty"),
-    ({"images": "/no/such/folder"}, "image folder: '/no/such/folder' does not exist"),
-    ({"method": "nope"}, "method: unknown 'nope'"),
-    ({"targets": "everything"}, "targets: unknown 'everything'"),
-    ({"resolution": 30}, "resolution: 30; use a positive multiple of 8"),
-    ({"rank": 0}, "rank: 0 is out of range"),
-    ({"steps": 0}, "steps: 0; use at least 1"),
-    ({"bank": "../x"}, "inside the banks folder"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"name": " "}, "concept name: empty"),
+        ({"triggers": " , "}, "trigger words: empty"),
+        ({"images": "/no/such/folder"}, "image folder: '/no/such/folder' does not exist"),
+        ({"method": "nope"}, "method: unknown 'nope'"),
+        ({"targets": "everything"}, "targets: unknown 'everything'"),
+        ({"resolution": 30}, "resolution: 30; use a positive multiple of 8"),
+        ({"rank": 0}, "rank: 0 is out of range"),
+        ({"steps": 0}, "steps: 0; use at least 1"),
+        ({"bank": "../x"}, "inside the banks folder"),
+    ],
+)
 def test_training_form_errors_name_the_field(tmp_path, change, message):
     with pytest.raises(TrainInputError, match=message.replace("(", r"\(")):
         form(tmp_path, **change).check(BankFolder(tmp_path / "banks"))
@@ -154,8 +157,12 @@ def test_loss_chart_and_views():
     assert loss_chart_svg([1.0]) == ""
     svg = loss_chart_svg([3.0, 2.0, math.nan, 1.0])
     assert svg.startswith("<svg") and svg.count(",") == 3
-    rep = {"concepts": ["a", "b"], "interference": [[1, 0.25], [0.5, 1]], "base_drift": [0.1, 0.2],
-           "mean_relative_interference": 0.375}
+    rep = {
+        "concepts": ["a", "b"],
+        "interference": [[1, 0.25], [0.5, 1]],
+        "base_drift": [0.1, 0.2],
+        "mean_relative_interference": 0.375,
+    }
     text = views.report_html(rep, [{"a": "a", "b": "b", "a_on_b": 0.25, "b_on_a": 0.5}])
     assert "0.2500" in text and "0.5000" in text and "&rarr;" in text
     assert "no concept is on" in views.selection_info([{"name": "a", "triggers": ["x"]}], {})
@@ -167,9 +174,11 @@ def test_loss_chart_and_views():
 
 
 def test_the_web_ui_imports_need_neither_diffusers_nor_transformers():
-    code = ("import sys; import seqlora_core, seqlora_webui.accordion, seqlora_webui.api, seqlora_webui.tab; "
-            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('diffusers', 'transformers', 'gradio', "
-            "'modules', 'fastapi')); print(bad)")
+    code = (
+        "import sys; import seqlora_core, seqlora_webui.accordion, seqlora_webui.api, seqlora_webui.tab; "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('diffusers', 'transformers', 'gradio', "
+        "'modules', 'fastapi')); print(bad)"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

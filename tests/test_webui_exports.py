@@ -10,8 +10,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from seqlora_core import Concept, ConceptBank, ConceptLayer, LayerSpec
-from seqlora_core.export import read_lora_file
-from seqlora_core.lora_io import export_concept
+from seqlora_core.interop.bank_lora import export_concept
+from seqlora_core.interop.lora_read import read_lora_file
 from seqlora_webui import exports
 from seqlora_webui._core import export_lora
 
@@ -24,8 +24,13 @@ LAYERS = [
 
 def concept(name: str, seed: int, rank: int = 2, triggers: tuple[str, ...] = ("trig",)) -> Concept:
     g = torch.Generator().manual_seed(seed)
-    layers = {s.name: ConceptLayer(torch.linalg.qr(torch.randn(s.in_features, rank, generator=g))[0].T.contiguous(),
-                                   torch.randn(s.out_features, rank, generator=g) * 0.1) for s in LAYERS}
+    layers = {
+        s.name: ConceptLayer(
+            torch.linalg.qr(torch.randn(s.in_features, rank, generator=g))[0].T.contiguous(),
+            torch.randn(s.out_features, rank, generator=g) * 0.1,
+        )
+        for s in LAYERS
+    }
     return Concept(name, list(triggers), rank, "seqlora", layers)
 
 

@@ -51,14 +51,20 @@ def test_layers_by_weight_shape_match_the_core_and_work_on_forge_style_modules()
     check_fits(bank, forge_model)
     check_fits(bank, torch_model)
     wrong = ConceptBank([LayerSpec("0.attn1.to_q", "linear", 16, 9), LayerSpec("0.nope", "linear", 1, 1)], "ldm")
-    with pytest.raises(BankMismatchError, match=r"2 of 2 layers differ: 0\.attn1\.to_q: bank 16x9, model 16x8; "
-                                                r"0\.nope: missing"):
+    with pytest.raises(
+        BankMismatchError,
+        match=r"2 of 2 layers differ: 0\.attn1\.to_q: bank 16x9, model 16x8; "
+        r"0\.nope: missing",
+    ):
         check_fits(wrong, forge_model)
 
 
 def test_pasted_infotext_loses_this_banks_tags_only():
-    params = {"Prompt": "a dog <lora:my_bank__sks:1> <lora:style:0.5> <lora:my_bank__zqx:0.7>",
-              "Hires prompt": "<lora:my_bank__sks:1> hi", "SeqLoRA": "my_bank.safetensors: sks:1, zqx:0.7"}
+    params = {
+        "Prompt": "a dog <lora:my_bank__sks:1> <lora:style:0.5> <lora:my_bank__zqx:0.7>",
+        "Hires prompt": "<lora:my_bank__sks:1> hi",
+        "SeqLoRA": "my_bank.safetensors: sks:1, zqx:0.7",
+    }
     accordion.infotext_pasted("", params)
     assert params["Prompt"] == "a dog <lora:style:0.5>" and params["Hires prompt"] == "hi"
     untouched = {"Prompt": "a dog <lora:my_bank__sks:1>"}
@@ -78,7 +84,7 @@ def test_infotext_fields_restore_enabled_bank_and_selection():
 
 
 def test_picker_html_carries_the_concepts_for_the_script():
-    html = accordion.picker_html("b.safetensors", [{"name": "a\"<", "triggers": ["x"]}])
+    html = accordion.picker_html("b.safetensors", [{"name": 'a"<', "triggers": ["x"]}])
     assert 'data-bank="b.safetensors"' in html and "&quot;a\\&quot;&lt;&quot;" in html
     assert "seqlora-error" in accordion.picker_html("b", error="bad")
 
@@ -103,8 +109,12 @@ CASES = ["", "dog", "dog:0.5, cat:1.25", "!dog:0.7, cat", " a b : 2 ,, !c:0 ", "
 def test_javascript_parses_and_formats_like_python(tmp_path):
     runner = tmp_path / "run.js"
     runner.write_text(RUNNER)
-    out = subprocess.run([NODE, str(runner), str(ROOT / "javascript" / "seqlora.js"), json.dumps(CASES)],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [NODE, str(runner), str(ROOT / "javascript" / "seqlora.js"), json.dumps(CASES)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     for case, (items, formatted) in zip(CASES, json.loads(out.stdout), strict=True):
         assert [tuple(x) for x in items] == _core.parse_concepts(case), case
         assert formatted == _core.format_concepts(_core.parse_concepts(case)), case

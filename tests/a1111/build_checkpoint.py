@@ -25,14 +25,36 @@ import sys
 from pathlib import Path
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")
-SPECIAL_TOKENS = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-                  "pad_token": "<|endoftext|>"}
-TINY_TEXT = {"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4,
-             "num_hidden_layers": 5, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
-             "layer_norm_eps": 1e-5, "projection_dim": 32, "bos_token_id": 49406, "eos_token_id": 49407,
-             "pad_token_id": 49407, "model_type": "clip_text_model", "architectures": ["CLIPTextModel"]}
-SD15_TEXT = {**TINY_TEXT, "hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12,
-             "num_hidden_layers": 12, "projection_dim": 768}
+SPECIAL_TOKENS = {
+    "bos_token": "<|startoftext|>",
+    "eos_token": "<|endoftext|>",
+    "unk_token": "<|endoftext|>",
+    "pad_token": "<|endoftext|>",
+}
+TINY_TEXT = {
+    "vocab_size": 49408,
+    "hidden_size": 32,
+    "intermediate_size": 37,
+    "num_attention_heads": 4,
+    "num_hidden_layers": 5,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+    "projection_dim": 32,
+    "bos_token_id": 49406,
+    "eos_token_id": 49407,
+    "pad_token_id": 49407,
+    "model_type": "clip_text_model",
+    "architectures": ["CLIPTextModel"],
+}
+SD15_TEXT = {
+    **TINY_TEXT,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "projection_dim": 768,
+}
 
 
 def write_clip_folder(folder: Path, text_config: dict, tokenizer_dir: Path) -> Path:

@@ -35,9 +35,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             if forge is None:
                 item.add_marker(pytest.mark.skip(reason=why_f))
             elif a1111 is None and not sd15:
-                item.add_marker(pytest.mark.skip(
-                    reason="the Forge tests build their SD1.5-layout checkpoint with A1111's ldm: set A1111_PATH "
-                           "too, or SEQLORA_SD15_CHECKPOINT to an SD1.5-layout .safetensors file"))
+                item.add_marker(
+                    pytest.mark.skip(
+                        reason="the Forge tests build their SD1.5-layout checkpoint with A1111's ldm: set A1111_PATH "
+                        "too, or SEQLORA_SD15_CHECKPOINT to an SD1.5-layout .safetensors file"
+                    )
+                )
 
 
 @pytest.fixture(scope="session")
@@ -82,8 +85,9 @@ def concept_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("concepts")
     return {
-        "dog": concept_folder(root / "dog", [(48, 40), (40, 48), (64, 64)],
-                              ["a dog on grass", None, "sks dog sitting"]),
+        "dog": concept_folder(
+            root / "dog", [(48, 40), (40, 48), (64, 64)], ["a dog on grass", None, "sks dog sitting"]
+        ),
         "hat": concept_folder(root / "hat", [(40, 40), (56, 48)]),
     }
 

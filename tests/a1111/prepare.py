@@ -36,10 +36,18 @@ PINS: dict[str, dict] = {
     "a1111": {
         "web": ("AUTOMATIC1111", "stable-diffusion-webui", "82a973c04367123ae98bd9abdf80d9eda9b910e2"),  # v1.10.1
         "repositories": [
-            ("stable-diffusion-webui-assets", "AUTOMATIC1111", "stable-diffusion-webui-assets",
-             "6f7db241d2f8ba7457bac5ca9753331f0c266917"),
-            ("stable-diffusion-stability-ai", "Stability-AI", "stablediffusion",
-             "cf1d67a6fd5ea1aa600c4df58e5b47da45f6bdbf"),
+            (
+                "stable-diffusion-webui-assets",
+                "AUTOMATIC1111",
+                "stable-diffusion-webui-assets",
+                "6f7db241d2f8ba7457bac5ca9753331f0c266917",
+            ),
+            (
+                "stable-diffusion-stability-ai",
+                "Stability-AI",
+                "stablediffusion",
+                "cf1d67a6fd5ea1aa600c4df58e5b47da45f6bdbf",
+            ),
             ("generative-models", "Stability-AI", "generative-models", "45c443b316737a4ab6e40413d7794a7f5657c19f"),
             ("k-diffusion", "crowsonkb", "k-diffusion", "ab527a9a6d347f364e3d185ba6d714e22d80cb3c"),
             ("BLIP", "salesforce", "BLIP", "48211a1594f1321b00f14c9f7a5b4813144b2fb9"),
@@ -49,8 +57,12 @@ PINS: dict[str, dict] = {
     "forge": {
         "web": ("lllyasviel", "stable-diffusion-webui-forge", "dfdcbab685e57677014f05a3309b48cc87383167"),
         "repositories": [
-            ("stable-diffusion-webui-assets", "AUTOMATIC1111", "stable-diffusion-webui-assets",
-             "6f7db241d2f8ba7457bac5ca9753331f0c266917"),
+            (
+                "stable-diffusion-webui-assets",
+                "AUTOMATIC1111",
+                "stable-diffusion-webui-assets",
+                "6f7db241d2f8ba7457bac5ca9753331f0c266917",
+            ),
             ("huggingface_guess", "lllyasviel", "huggingface_guess", "84826248b49bb7ca754c73293299c4d4e23a548d"),
             ("BLIP", "salesforce", "BLIP", "48211a1594f1321b00f14c9f7a5b4813144b2fb9"),
         ],
@@ -80,8 +92,7 @@ def git_url(owner: str, name: str) -> str:
 
 def head(path: Path) -> str | None:
     try:
-        out = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             check=True)
+        out = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
     except (subprocess.CalledProcessError, FileNotFoundError):
         return None
     return out.stdout.strip()
@@ -121,8 +132,9 @@ def prepare(host: str, root: Path, python: str) -> Path:
         return vpy
     if not vpy.exists():
         run([python, "-m", "venv", venv])
-    version = subprocess.run([vpy, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
-                             capture_output=True, text=True, check=True).stdout.strip()
+    version = subprocess.run(
+        [vpy, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     if version != "3.10":
         raise SystemExit(f"{host} needs Python 3.10 (got {version} from {python}); pass --python python3.10")
     pip(vpy, *pins["torch"])

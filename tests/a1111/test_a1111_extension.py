@@ -21,16 +21,40 @@ from safetensors.torch import load_file, save_file
 from webui_harness import REPO_ROOT, WebUI, snapshot
 
 BANK = "tab_bank.safetensors"
-SETTINGS = {"caption": "a photo of {trigger}", "method": "seqlora", "rank": 4, "lr": 1e-3, "budget": 0.05,
-            "targets": "attn", "resolution": 64, "batch": 1, "seed": 0}
+SETTINGS = {
+    "caption": "a photo of {trigger}",
+    "method": "seqlora",
+    "rank": 4,
+    "lr": 1e-3,
+    "budget": 0.05,
+    "targets": "attn",
+    "resolution": 64,
+    "batch": 1,
+    "seed": 0,
+}
 MAX_ABS_ERR = 1e-6  # fp32 weights and fp32 exports: only rounding of base + delta remains
 pytestmark = pytest.mark.slow
 
 
 def tab_fields(bank: str, name: str, triggers: str, images: str, steps: int, every: int) -> list:
     s = SETTINGS
-    return [bank, name, triggers, images, s["caption"], s["method"], s["rank"], steps, s["lr"], s["budget"],
-            s["targets"], s["resolution"], s["batch"], s["seed"], every]
+    return [
+        bank,
+        name,
+        triggers,
+        images,
+        s["caption"],
+        s["method"],
+        s["rank"],
+        steps,
+        s["lr"],
+        s["budget"],
+        s["targets"],
+        s["resolution"],
+        s["batch"],
+        s["seed"],
+        every,
+    ]
 
 
 def txt2img(server: WebUI, prompt: str, args: list | None, seed: int = 1) -> dict:
@@ -53,13 +77,19 @@ def wait_status(server: WebUI, done, timeout: float = 900) -> dict:
 
 
 def compare(server: WebUI, strengths: dict[str, float]) -> dict:
-    return server.ok("POST", "/seqlora_probe/v1/compare",
-                     {"bank": str(server.banks_dir / BANK), "strengths": strengths})
+    return server.ok(
+        "POST", "/seqlora_probe/v1/compare", {"bank": str(server.banks_dir / BANK), "strengths": strengths}
+    )
 
 
 def cli_report(bank: Path) -> dict:
-    out = subprocess.run([sys.executable, "-m", "seqlora_core", "report", "--bank", str(bank), "--json"],
-                         cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "seqlora_core", "report", "--bank", str(bank), "--json"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout)
 
 
@@ -69,10 +99,13 @@ def cli_report(bank: Path) -> dict:
 def test_extension_loads_without_errors(a1111: WebUI):
     log = a1111.log()
     assert "SeqLoRA 0.1.0 loaded in Automatic1111" in log
-    bad = [ln for ln in log.splitlines() if re.search(r"seqlora", ln, re.I)
-           and re.search(r"error|traceback|exception|failed", ln, re.I)]
+    bad = [
+        ln
+        for ln in log.splitlines()
+        if re.search(r"seqlora", ln, re.I) and re.search(r"error|traceback|exception|failed", ln, re.I)
+    ]
     assert not bad, bad
-    assert "Traceback" not in log, log[log.index("Traceback") - 500:][:3000]
+    assert "Traceback" not in log, log[log.index("Traceback") - 500 :][:3000]
     info = a1111.ok("GET", "/sdapi/v1/script-info")
     ours = [s for s in info if s["name"] == "seqlora"]
     assert {s["is_img2img"] for s in ours} == {False, True}
@@ -83,9 +116,18 @@ def test_extension_loads_without_errors(a1111: WebUI):
 
 def test_tab_and_accordion_are_in_the_ui(a1111: WebUI):
     ids = {c.get("props", {}).get("elem_id") for c in a1111.config()["components"]}
-    for elem in ("tab_seqlora_tab", "seqlora_txt2img", "seqlora_img2img", "seqlora_txt2img_concepts",
-                 "seqlora_train", "seqlora_interrupt", "seqlora_resume", "seqlora_import", "seqlora_export",
-                 "seqlora_report"):
+    for elem in (
+        "tab_seqlora_tab",
+        "seqlora_txt2img",
+        "seqlora_img2img",
+        "seqlora_txt2img_concepts",
+        "seqlora_train",
+        "seqlora_interrupt",
+        "seqlora_resume",
+        "seqlora_import",
+        "seqlora_export",
+        "seqlora_report",
+    ):
         assert elem in ids, elem
 
 
@@ -94,15 +136,19 @@ def test_tab_and_accordion_are_in_the_ui(a1111: WebUI):
 
 def test_train_in_the_tab_makes_a_bank_the_cli_reads(a1111: WebUI, concept_images):
     t0 = time.monotonic()
-    view, result = map(html.unescape, a1111.predict("seqlora_train", ["task(t1)", *tab_fields(
-        "tab_bank", "sks", "sks dog", str(concept_images["dog"]), steps=12, every=4)]))
+    view, result = map(
+        html.unescape,
+        a1111.predict(
+            "seqlora_train",
+            ["task(t1)", *tab_fields("tab_bank", "sks", "sks dog", str(concept_images["dog"]), steps=12, every=4)],
+        ),
+    )
     took = time.monotonic() - t0
     assert "learned 'sks'" in result, result
     assert "sks" in view and "sks dog" in view
     rep = cli_report(a1111.banks_dir / BANK)
     assert rep["concepts"] == ["sks"]
-    print(f"tab training, 12 steps: {took:.1f} s; CLI report: {rep['concepts']}, "
-          f"base drift {rep['base_drift'][0]:.4f}")
+    print(f"tab training, 12 steps: {took:.1f} s; CLI report: {rep['concepts']}, base drift {rep['base_drift'][0]:.4f}")
     # the concept was exported for the Lora network, with trigger words for its card
     side = json.loads((a1111.lora_dir / "seqlora" / "tab_bank__sks.json").read_text())
     assert side["activation text"] == "sks dog" and side["sd version"] == "SD1"
@@ -112,9 +158,20 @@ def test_train_in_the_tab_makes_a_bank_the_cli_reads(a1111: WebUI, concept_image
 
 def test_interrupt_then_resume_continues_from_saved_progress(a1111: WebUI, concept_images):
     steps = 24
-    a1111.ok("POST", "/seqlora/v1/train", {"bank": "tab_bank", "name": "zqx", "triggers": "zqx hat",
-                                           "images": str(concept_images["hat"]), "steps": steps, "lr": 1e-3,
-                                           "resolution": 64, "checkpoint_every": 4})
+    a1111.ok(
+        "POST",
+        "/seqlora/v1/train",
+        {
+            "bank": "tab_bank",
+            "name": "zqx",
+            "triggers": "zqx hat",
+            "images": str(concept_images["hat"]),
+            "steps": steps,
+            "lr": 1e-3,
+            "resolution": 64,
+            "checkpoint_every": 4,
+        },
+    )
     wait_status(a1111, lambda s: s["state"] == "running" and s["step"] >= 6)
     prog = a1111.ok("GET", "/sdapi/v1/progress")  # the host's own progress: what its progress bar shows
     assert prog["state"]["job"] == "seqlora-train" and prog["state"]["job_count"] == steps
@@ -146,10 +203,13 @@ def test_interrupt_then_resume_continues_from_saved_progress(a1111: WebUI, conce
 # ------------------------------------------------------------------------------------------------ compose
 
 
-@pytest.mark.parametrize("selection,strengths", [
-    ("sks:1", {"sks": 1.0}),
-    ("sks:1, zqx:0.7", {"sks": 1.0, "zqx": 0.7}),
-])
+@pytest.mark.parametrize(
+    "selection,strengths",
+    [
+        ("sks:1", {"sks": 1.0}),
+        ("sks:1, zqx:0.7", {"sks": 1.0, "zqx": 0.7}),
+    ],
+)
 def test_accordion_composition_is_base_plus_sum_of_deltas(a1111: WebUI, selection, strengths):
     out = txt2img(a1111, "a photo of sks dog wearing zqx hat", [True, BANK, selection])
     assert len(out["images"]) == 1
@@ -180,18 +240,35 @@ def test_a_changed_bank_is_exported_and_applied_again(a1111: WebUI):
 
 
 def test_hires_fix_and_img2img_compose_the_same(a1111: WebUI):
-    body = {"prompt": "a photo of sks dog", "steps": 2, "width": 64, "height": 64, "seed": 2, "enable_hr": True,
-            "hr_scale": 1.5, "hr_second_pass_steps": 1, "denoising_strength": 0.5, "hr_upscaler": "Latent",
-            "alwayson_scripts": {"SeqLoRA": {"args": [True, BANK, "sks:0.6, zqx:1"]}}}
+    body = {
+        "prompt": "a photo of sks dog",
+        "steps": 2,
+        "width": 64,
+        "height": 64,
+        "seed": 2,
+        "enable_hr": True,
+        "hr_scale": 1.5,
+        "hr_second_pass_steps": 1,
+        "denoising_strength": 0.5,
+        "hr_upscaler": "Latent",
+        "alwayson_scripts": {"SeqLoRA": {"args": [True, BANK, "sks:0.6, zqx:1"]}},
+    }
     out = a1111.ok("POST", "/sdapi/v1/txt2img", body)
     info = json.loads(out["info"])
     assert "Hires upscale: 1.5" in info["infotexts"][0]
     assert info["infotexts"][0].count("<lora:tab_bank__sks:0.6>") == 1
     got = compare(a1111, {"sks": 0.6, "zqx": 1.0})
     assert got["patched"] == got["layers"] and got["max_abs_err"] < MAX_ABS_ERR, got
-    body = {"init_images": [out["images"][0]], "prompt": "a photo of zqx hat", "steps": 2, "width": 64,
-            "height": 64, "seed": 3, "denoising_strength": 0.6,
-            "alwayson_scripts": {"SeqLoRA": {"args": [True, BANK, "zqx:0.9"]}}}
+    body = {
+        "init_images": [out["images"][0]],
+        "prompt": "a photo of zqx hat",
+        "steps": 2,
+        "width": 64,
+        "height": 64,
+        "seed": 3,
+        "denoising_strength": 0.6,
+        "alwayson_scripts": {"SeqLoRA": {"args": [True, BANK, "zqx:0.9"]}},
+    }
     out = a1111.ok("POST", "/sdapi/v1/img2img", body)
     assert len(out["images"]) == 1 and "<lora:tab_bank__zqx:0.9>" in json.loads(out["info"])["infotexts"][0]
     got = compare(a1111, {"zqx": 0.9})
@@ -264,8 +341,7 @@ def _changes(before: dict, after: dict) -> list[str]:
 def test_bad_input_is_a_clear_message_and_writes_nothing(a1111: WebUI, concept_images, tmp_path):
     from seqlora_core import ConceptBank, LayerSpec
 
-    foreign = ConceptBank([LayerSpec("down_blocks.0.attentions.0.proj_in", "linear", 320, 320)], "diffusers",
-                          "sdxl")
+    foreign = ConceptBank([LayerSpec("down_blocks.0.attentions.0.proj_in", "linear", 320, 320)], "diffusers", "sdxl")
     foreign.save(a1111.banks_dir / "foreign.safetensors")
     (a1111.banks_dir / "garbage.safetensors").write_bytes(b"\x07" * 1000)
     (a1111.lora_dir / "garbage_lora.safetensors").write_bytes(b"not a safetensors file at all")
@@ -274,14 +350,18 @@ def test_bad_input_is_a_clear_message_and_writes_nothing(a1111: WebUI, concept_i
     before = snapshot(*roots, skip=skip)
 
     # API
-    code, out = a1111.post("/seqlora/v1/train", {"bank": BANK, "name": "x", "triggers": "x",
-                                                 "images": str(tmp_path / "missing")})
+    code, out = a1111.post(
+        "/seqlora/v1/train", {"bank": BANK, "name": "x", "triggers": "x", "images": str(tmp_path / "missing")}
+    )
     assert code == 400 and "image folder" in out["error"] and "does not exist" in out["error"]
-    code, out = a1111.post("/seqlora/v1/train", {"bank": "garbage", "name": "x", "triggers": "x",
-                                                 "images": str(concept_images["dog"])})
+    code, out = a1111.post(
+        "/seqlora/v1/train", {"bank": "garbage", "name": "x", "triggers": "x", "images": str(concept_images["dog"])}
+    )
     assert code == 400 and "garbage.safetensors" in out["error"], out
-    code, out = a1111.post("/seqlora/v1/train", {"bank": "foreign", "name": "x", "triggers": "x",
-                                                 "images": str(concept_images["dog"]), "steps": 2})
+    code, out = a1111.post(
+        "/seqlora/v1/train",
+        {"bank": "foreign", "name": "x", "triggers": "x", "images": str(concept_images["dog"]), "steps": 2},
+    )
     assert code == 200
     st = wait_status(a1111, lambda s: s["state"] in ("error", "done", "interrupted"))
     assert st["state"] == "error" and "trained on sdxl" in st["message"], st
@@ -289,8 +369,9 @@ def test_bad_input_is_a_clear_message_and_writes_nothing(a1111: WebUI, concept_i
     assert code == 400 and "garbage_lora.safetensors" in out["error"], out
     code, out = a1111.post("/seqlora/v1/import", {"bank": BANK, "lora": "/etc/passwd", "name": "g"})
     assert code == 400 and "not a .safetensors file" in out["error"], out
-    code, out = a1111.post("/seqlora/v1/train", {"bank": "../outside", "name": "x", "triggers": "x",
-                                                 "images": str(concept_images["dog"])})
+    code, out = a1111.post(
+        "/seqlora/v1/train", {"bank": "../outside", "name": "x", "triggers": "x", "images": str(concept_images["dog"])}
+    )
     assert code == 400 and "inside the banks folder" in out["error"], out
     code, out = a1111.get("/seqlora/v1/bank?name=garbage.safetensors")
     assert code == 400 and "not a safetensors file" in out["error"], out
@@ -298,18 +379,23 @@ def test_bad_input_is_a_clear_message_and_writes_nothing(a1111: WebUI, concept_i
     assert "error" in listing["garbage.safetensors"] and "concepts" in listing[BANK]
 
     # the accordion: no image, and the message in the result
-    for args, expect in [([True, "foreign.safetensors", "a:1"], "not in foreign.safetensors"),
-                         ([True, "garbage.safetensors", "a:1"], "garbage.safetensors"),
-                         ([True, BANK, "sks:abc"], "not a number"),
-                         ([True, "nope.safetensors", "sks:1"], "not found")]:
+    for args, expect in [
+        ([True, "foreign.safetensors", "a:1"], "not in foreign.safetensors"),
+        ([True, "garbage.safetensors", "a:1"], "garbage.safetensors"),
+        ([True, BANK, "sks:abc"], "not a number"),
+        ([True, "nope.safetensors", "sks:1"], "not found"),
+    ]:
         out = txt2img(a1111, "a photo", args)
         assert out["images"] == [], args
-        assert "SeqLoRA error" in out["info"]["infotexts"][0] and expect in out["info"]["infotexts"][0], \
-            (args, out["info"]["infotexts"][0])
+        assert "SeqLoRA error" in out["info"]["infotexts"][0] and expect in out["info"]["infotexts"][0], (
+            args,
+            out["info"]["infotexts"][0],
+        )
 
     # the tab: the same messages, in its result area
-    _, result = a1111.predict("seqlora_train", ["task(t3)", *tab_fields(
-        BANK, "x", "x", str(tmp_path / "missing"), steps=2, every=1)])
+    _, result = a1111.predict(
+        "seqlora_train", ["task(t3)", *tab_fields(BANK, "x", "x", str(tmp_path / "missing"), steps=2, every=1)]
+    )
     assert "seqlora-error" in result and "does not exist" in result
     _, result = a1111.predict("seqlora_import", [BANK, "garbage_lora", "g", ""])
     assert "seqlora-error" in result and "garbage_lora.safetensors" in result
@@ -326,8 +412,18 @@ def test_bad_input_is_a_clear_message_and_writes_nothing(a1111: WebUI, concept_i
 
 def test_training_never_overlaps_a_generation(a1111: WebUI, concept_images):
     """The API's training takes the host's queue lock: a txt2img sent meanwhile waits for it."""
-    a1111.ok("POST", "/seqlora/v1/train", {"bank": "lock_bank", "name": "c", "triggers": "c c",
-                                           "images": str(concept_images["hat"]), "steps": 6, "resolution": 64})
+    a1111.ok(
+        "POST",
+        "/seqlora/v1/train",
+        {
+            "bank": "lock_bank",
+            "name": "c",
+            "triggers": "c c",
+            "images": str(concept_images["hat"]),
+            "steps": 6,
+            "resolution": 64,
+        },
+    )
     wait_status(a1111, lambda s: s["state"] == "running")
     txt2img(a1111, "a photo", None)
     st = a1111.ok("GET", "/seqlora/v1/train/status")

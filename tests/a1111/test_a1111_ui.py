@@ -20,17 +20,34 @@ from pathlib import Path
 import pytest
 from webui_harness import WebUI, free_port, prepare_data_dir
 
-CHROMIUM = (os.environ.get("SEQLORA_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-            or shutil.which("google-chrome"))
+CHROMIUM = (
+    os.environ.get("SEQLORA_CHROMIUM")
+    or shutil.which("chromium")
+    or shutil.which("chromium-browser")
+    or shutil.which("google-chrome")
+)
 BANK = "my_concepts.safetensors"
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(
-    CHROMIUM is None, reason="no chromium/google-chrome on PATH (or set SEQLORA_CHROMIUM to a Chromium binary)")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        CHROMIUM is None, reason="no chromium/google-chrome on PATH (or set SEQLORA_CHROMIUM to a Chromium binary)"
+    ),
+]
 
 
 def chromium(url: str, out: Path | None, size: str = "1360,1100", budget_ms: int = 60000) -> str:
     """Load `url` headless; write a screenshot to `out` (when given) and return the rendered DOM."""
-    base = [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--mute-audio",
-            f"--window-size={size}", f"--virtual-time-budget={budget_ms}", "--run-all-compositor-stages-before-draw"]
+    base = [
+        CHROMIUM,
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--mute-audio",
+        f"--window-size={size}",
+        f"--virtual-time-budget={budget_ms}",
+        "--run-all-compositor-stages-before-draw",
+    ]
     if out is not None:
         subprocess.run([*base, f"--screenshot={out}", url], check=True, capture_output=True, timeout=600)
     dom = subprocess.run([*base, "--dump-dom", url], check=True, capture_output=True, text=True, timeout=600)
@@ -44,8 +61,18 @@ def ui_server(a1111_host, tiny_checkpoint, concept_images, tmp_path_factory):
     trainer.start(data / "models" / "Stable-diffusion" / tiny_checkpoint.name, ui=False)
     try:
         for name, trig, folder in [("sks", "sks dog", "dog"), ("zqx", "zqx hat", "hat")]:
-            trainer.ok("POST", "/seqlora/v1/train", {"bank": BANK, "name": name, "triggers": trig, "steps": 10,
-                                                     "images": str(concept_images[folder]), "resolution": 64})
+            trainer.ok(
+                "POST",
+                "/seqlora/v1/train",
+                {
+                    "bank": BANK,
+                    "name": name,
+                    "triggers": trig,
+                    "steps": 10,
+                    "images": str(concept_images[folder]),
+                    "resolution": 64,
+                },
+            )
             t0 = time.monotonic()
             while trainer.ok("GET", "/seqlora/v1/train/status")["state"] in ("queued", "running"):
                 assert time.monotonic() - t0 < 900
@@ -53,11 +80,15 @@ def ui_server(a1111_host, tiny_checkpoint, concept_images, tmp_path_factory):
             assert trainer.ok("GET", "/seqlora/v1/train/status")["state"] == "done"
     finally:
         trainer.stop()
-    (data / "ui-config.json").write_text(json.dumps({
-        "customscript/seqlora.py/txt2img/SeqLoRA/value": True,
-        "customscript/seqlora.py/txt2img/Concepts (name:strength, !off:strength)/value": "sks:1, zqx:0.7",
-        "txt2img/Prompt/value": "a photo of sks dog wearing zqx hat",
-    }))
+    (data / "ui-config.json").write_text(
+        json.dumps(
+            {
+                "customscript/seqlora.py/txt2img/SeqLoRA/value": True,
+                "customscript/seqlora.py/txt2img/Concepts (name:strength, !off:strength)/value": "sks:1, zqx:0.7",
+                "txt2img/Prompt/value": "a photo of sks dog wearing zqx hat",
+            }
+        )
+    )
     server = WebUI(a1111_host, data, free_port(), data / "logs" / "ui.log")
     server.start(data / "models" / "Stable-diffusion" / tiny_checkpoint.name, ui=True)
     yield server

@@ -55,8 +55,9 @@ def txt2img(server: WebUI, args: list | None) -> dict:
 
 
 def compare(server: WebUI, strengths: dict[str, float]) -> dict:
-    return server.ok("POST", "/seqlora_probe/v1/compare", {"bank": str(server.banks_dir / BANK),
-                                                           "strengths": strengths})
+    return server.ok(
+        "POST", "/seqlora_probe/v1/compare", {"bank": str(server.banks_dir / BANK), "strengths": strengths}
+    )
 
 
 def test_forge_loads_the_extension_unchanged(forge: WebUI):
@@ -109,8 +110,11 @@ def test_forge_reapplies_a_concept_whose_bank_changed(forge: WebUI):
 
 
 def test_forge_training_is_a_clear_message(forge: WebUI, concept_images):
-    forge.ok("POST", "/seqlora/v1/train", {"bank": BANK, "name": "new", "triggers": "new thing",
-                                           "images": str(concept_images["dog"]), "steps": 2})
+    forge.ok(
+        "POST",
+        "/seqlora/v1/train",
+        {"bank": BANK, "name": "new", "triggers": "new thing", "images": str(concept_images["dog"]), "steps": 2},
+    )
     for _ in range(120):
         st = forge.ok("GET", "/seqlora/v1/train/status")
         if st["state"] not in ("queued", "running"):

@@ -49,8 +49,10 @@ def host_from_env(kind: str) -> tuple[Host | None, str]:
     path_var, py_var = A1111_ENV if kind == "a1111" else FORGE_ENV
     value = os.environ.get(path_var, "").strip()
     if not value:
-        return None, (f"{path_var} is not set: point it at a checkout prepared with "
-                      f"`python tests/a1111/prepare.py {kind} <folder>`")
+        return None, (
+            f"{path_var} is not set: point it at a checkout prepared with "
+            f"`python tests/a1111/prepare.py {kind} <folder>`"
+        )
     path = Path(value).expanduser().resolve()
     if not (path / "launch.py").is_file() or not (path / "modules").is_dir():
         return None, f"{path_var}={path} is not a web UI checkout (no launch.py/modules)"
@@ -62,7 +64,8 @@ def host_from_env(kind: str) -> tuple[Host | None, str]:
 
 def cache_dir() -> Path:
     base = os.environ.get("SEQLORA_TEST_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "seqlora", "tests")
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "seqlora", "tests"
+    )
     path = Path(base)
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -74,8 +77,20 @@ def build_checkpoint(a1111: Host, kind: str, seed: int = 0) -> Path:
     out = cache_dir() / f"{name}.safetensors"
     if out.is_file() and (kind != "tiny" or out.with_suffix(".yaml").is_file()):
         return out
-    cmd = [str(a1111.python), str(HERE / "build_checkpoint.py"), "--webui", str(a1111.path), "--kind", kind,
-           "--out", str(out), "--seed", str(seed), "--tokenizer", str(TOKENIZER)]
+    cmd = [
+        str(a1111.python),
+        str(HERE / "build_checkpoint.py"),
+        "--webui",
+        str(a1111.path),
+        "--kind",
+        kind,
+        "--out",
+        str(out),
+        "--seed",
+        str(seed),
+        "--tokenizer",
+        str(TOKENIZER),
+    ]
     subprocess.run(cmd, check=True, cwd=a1111.path, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     return out
 
@@ -134,8 +149,9 @@ class WebUI:
     # ---- HTTP -----------------------------------------------------------------------------------
     def request(self, method: str, path: str, body: Any = None, timeout: float = 600) -> tuple[int, Any]:
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            self.url + path, data=data, method=method, headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
                 raw, code, ctype = r.read(), r.status, r.headers.get("Content-Type", "")
@@ -175,26 +191,61 @@ class WebUI:
             targets = [t[0] if isinstance(t, list) else t for t in dep.get("targets", [])]
             if target in targets and dep.get("backend_fn", True) and dep.get("trigger", "click") == "click":
                 if len(dep["inputs"]) != len(data):
-                    raise AssertionError(f"{trigger_elem_id}: handler takes {len(dep['inputs'])} inputs, "
-                                         f"got {len(data)}")
-                out = self.ok("POST", "/run/predict", {"fn_index": i, "data": data, "session_hash": "seqlora-test"},
-                              timeout=timeout)
+                    raise AssertionError(
+                        f"{trigger_elem_id}: handler takes {len(dep['inputs'])} inputs, got {len(data)}"
+                    )
+                out = self.ok(
+                    "POST",
+                    "/run/predict",
+                    {"fn_index": i, "data": data, "session_hash": "seqlora-test"},
+                    timeout=timeout,
+                )
                 return out["data"]
         raise KeyError(f"no click handler on {trigger_elem_id!r}")
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     def start(self, checkpoint: Path, ui: bool, timeout: float = 900) -> WebUI:
-        env = {**os.environ, "HF_HOME": str(self.data_dir / "hf"), "HF_HUB_OFFLINE": "1",
-               "TRANSFORMERS_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1",
-               "DISABLE_TELEMETRY": "1", **self.extra_env}
+        env = {
+            **os.environ,
+            "HF_HOME": str(self.data_dir / "hf"),
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "GRADIO_ANALYTICS_ENABLED": "False",
+            "PYTHONUNBUFFERED": "1",
+            "DISABLE_TELEMETRY": "1",
+            **self.extra_env,
+        }
         for var in ("PYTHONPATH", "VIRTUAL_ENV"):
             env.pop(var, None)
-        args = [str(self.host.python), "launch.py", "--data-dir", str(self.data_dir), "--skip-prepare-environment",
-                "--skip-torch-cuda-test", "--skip-version-check", "--api", "--server-name", "127.0.0.1", "--port",
-                str(self.port), "--ckpt", str(checkpoint), "--no-download-sd-model", "--loglevel", "DEBUG"]
+        args = [
+            str(self.host.python),
+            "launch.py",
+            "--data-dir",
+            str(self.data_dir),
+            "--skip-prepare-environment",
+            "--skip-torch-cuda-test",
+            "--skip-version-check",
+            "--api",
+            "--server-name",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--ckpt",
+            str(checkpoint),
+            "--no-download-sd-model",
+            "--loglevel",
+            "DEBUG",
+        ]
         if self.host.kind == "a1111":
-            args += ["--use-cpu", "all", "--no-half", "--precision", "full", "--do-not-download-clip",
-                     "--disable-nan-check"]
+            args += [
+                "--use-cpu",
+                "all",
+                "--no-half",
+                "--precision",
+                "full",
+                "--do-not-download-clip",
+                "--disable-nan-check",
+            ]
         else:
             args += ["--always-cpu", "--disable-nan-check"]
         if not ui:
@@ -202,8 +253,9 @@ class WebUI:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         logf = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop)
         t0 = time.monotonic()
-        self.proc = subprocess.Popen(args, cwd=self.host.path, env=env, stdout=logf, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            args, cwd=self.host.path, env=env, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True
+        )
         self._logf = logf
         ready = "/sdapi/v1/sd-models"
         while time.monotonic() - t0 < timeout:
@@ -280,8 +332,13 @@ def snapshot(*roots: Path, skip: tuple[str, ...] = ()) -> dict[str, tuple[int, i
     for root in roots:
         for dirpath, dirnames, filenames in os.walk(root):
             rel_dir = os.path.relpath(dirpath, root)
-            dirnames[:] = [d for d in dirnames if d != "__pycache__" and not os.path.islink(os.path.join(dirpath, d))
-                           and not any(os.path.normpath(os.path.join(rel_dir, d)).startswith(s) for s in skip)]
+            dirnames[:] = [
+                d
+                for d in dirnames
+                if d != "__pycache__"
+                and not os.path.islink(os.path.join(dirpath, d))
+                and not any(os.path.normpath(os.path.join(rel_dir, d)).startswith(s) for s in skip)
+            ]
             for f in filenames:
                 p = os.path.join(dirpath, f)
                 with contextlib.suppress(OSError):

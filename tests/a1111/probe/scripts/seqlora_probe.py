@@ -25,8 +25,12 @@ def _a1111_others(names):
     changed = []
     for name, m in diffusion.named_modules():
         b = getattr(m, "network_weights_backup", None)
-        if (name not in names and isinstance(b, torch.Tensor) and hasattr(m, "weight")
-                and not torch.equal(m.weight.detach().cpu(), b.cpu())):
+        if (
+            name not in names
+            and isinstance(b, torch.Tensor)
+            and hasattr(m, "weight")
+            and not torch.equal(m.weight.detach().cpu(), b.cpu())
+        ):
             changed.append(name)
     return changed
 
@@ -45,7 +49,7 @@ def _forge_others(names):
     model = unet.model
     changed = []
     for key, b in model.lora_loader.backup.items():
-        name = key[len("diffusion_model."):-len(".weight")] if key.startswith("diffusion_model.") else key
+        name = key[len("diffusion_model.") : -len(".weight")] if key.startswith("diffusion_model.") else key
         if name in names:
             continue
         cur = dict(model.named_parameters()).get(key)
@@ -76,9 +80,16 @@ def compare(body):
         if scale > 0:
             max_rel = max(max_rel, err / scale)
     others = _forge_others(set(names)) if forge else _a1111_others(set(names))
-    return {"layers": len(names), "matched": matched, "patched": patched, "max_abs_err": max_err,
-            "max_rel_err": max_rel, "max_delta": max_delta, "other_layers_changed": others,
-            "host": "forge" if forge else "a1111"}
+    return {
+        "layers": len(names),
+        "matched": matched,
+        "patched": patched,
+        "max_abs_err": max_err,
+        "max_rel_err": max_rel,
+        "max_delta": max_delta,
+        "other_layers_changed": others,
+        "host": "forge" if forge else "a1111",
+    }
 
 
 def on_app_started(_demo, app):
