@@ -132,7 +132,9 @@ def main() -> int:
     ap.add_argument("--kind", choices=("tiny", "sd15"), required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--tokenizer", type=Path, required=True, help="the project's seqlora_core/tokenizer_assets")
+    ap.add_argument(
+        "--tokenizer", type=Path, required=True, help="the project's vendored CLIP tokenizer folder (tokenizer_assets)"
+    )
     args = ap.parse_args()
     build(args.webui.resolve(), args.kind, args.out.resolve(), args.seed, args.tokenizer.resolve())
     return 0

@@ -29,7 +29,7 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
-TOKENIZER = REPO_ROOT / "seqlora_core" / "tokenizer_assets"
+TOKENIZER = next(REPO_ROOT.glob("seqlora_core/**/tokenizer_assets"))  # the vendored CLIP tokenizer
 TINY_VERSION = 2  # bump when the tiny recipe in build_checkpoint.py changes
 CLIP_L = "openai/clip-vit-large-patch14"
 CLIP_L_SNAPSHOT = "0000000000000000000000000000000000000000"
