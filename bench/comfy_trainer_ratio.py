@@ -8,12 +8,14 @@ passes and saving are not steps). Prints a table and the ratio ours / ComfyUI.
     COMFYUI_PATH=/path/to/ComfyUI python bench/comfy_trainer_ratio.py [--checkpoint FILE] [--steps 20]
 
 Without --checkpoint it builds the tiny SD1.5-detected test checkpoint (random weights) in a temp folder.
+Everything it writes goes to that folder, which is removed at the end, also after an error, Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import statistics
 import sys
 import tempfile
@@ -68,11 +70,16 @@ class _OnlyTargets:
 
 
 def run(checkpoint: Path | None, steps: int, rank: int, px: int, threads: int | None) -> dict:
+    """Both trainers side by side; their files live in a temp folder that is always removed."""
+    with tempfile.TemporaryDirectory(prefix="seqlora-bench-") as tmp:
+        return _run_in(Path(tmp), checkpoint, steps, rank, px, threads)
+
+
+def _run_in(tmp: Path, checkpoint: Path | None, steps: int, rank: int, px: int, threads: int | None) -> dict:
     import torch
 
     if threads:
         torch.set_num_threads(threads)
-    tmp = Path(tempfile.mkdtemp(prefix="seqlora-bench-"))
     h.setup_inprocess(tmp / "models")
     pack = h.load_pack()
     import comfy.model_management as mm
@@ -194,6 +201,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
+    # SIGTERM unwinds like Ctrl-C, so the temp folder is removed then too
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if h.missing_requirements():
         print(h.missing_requirements())
         return 2
