@@ -77,6 +77,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             callbacks=callbacks,
             class_prompt=args.class_prompt,
             prior_images=args.prior_images,
+            min_snr_gamma=args.min_snr_gamma,
         )
     except (KeyboardInterrupt, TrainingCancelled):
         bar.close()
@@ -211,6 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="adaptive",
         help="keep the new basis out of the earlier concepts' and the base's top-energy input directions "
         "(adaptive, default) or only orthogonal to earlier bases (off)",
+    )
+    t.add_argument(
+        "--min-snr-gamma",
+        type=float,
+        default=None,
+        help="weight the loss by min(SNR, gamma) / SNR (min-SNR training; 5 is typical; default off, "
+        "the toy base uses its pretraining's 5)",
     )
     t.add_argument(
         "--class-prompt",

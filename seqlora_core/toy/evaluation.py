@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -23,6 +24,16 @@ from .scenes import scene_dataset
 
 PROMPT = "a photo of {t}"
 PAIR_PROMPT = "{a} on the left and {b} on the right"
+# Trigger-free prompts that name their background, so that a changed background counts as drift only when
+# the prompt asked for another one.
+PRIOR_PROMPTS = (
+    "a red circle on the left, white background",
+    "a blue square at the top and a green ring at the bottom, black background",
+    "a big yellow triangle in the center, gray background",
+    "a small purple diamond on the right, white background",
+    "a cyan cross at the bottom, black background",
+    "a orange and pink striped circle in the center, gray background",
+)
 
 
 @dataclass
@@ -50,7 +61,7 @@ def toy_id(concept: Concept) -> int | None:
     return None if found is None else found[1]
 
 
-def toy_prior_data(pipe, n: int = 32, seed: int = 0) -> DiffusersConceptData:
+def toy_prior_data(pipe, n: int = 32, seed: int = 0, min_snr_gamma: float | None = None) -> DiffusersConceptData:
     """The base world's own scenes and prompts (every fourth one empty, as classifier-free guidance asks
     for it): what "the model without any concept" must keep doing.
 
@@ -71,7 +82,7 @@ def toy_prior_data(pipe, n: int = 32, seed: int = 0) -> DiffusersConceptData:
         original_sizes=[(size, size)] * n,
         crops_top_left=[(0, 0)] * n,
     )
-    return DiffusersConceptData(pipe, ds, batch_size=4, seed=seed)
+    return DiffusersConceptData(pipe, ds, batch_size=4, seed=seed, min_snr_gamma=min_snr_gamma)
 
 
 @torch.no_grad()
@@ -195,3 +206,59 @@ def identity_report(pipe, bank: ConceptBank, n: int = 8, steps: int = 20, guidan
             "all": score(everyone),
         }
     return report
+
+
+def prior_drift(
+    pipe,
+    bank: ConceptBank,
+    ev: EvalSettings,
+    selection: Mapping[str, float] | None = None,
+    base_images: Sequence[Image.Image] | None = None,
+) -> float:
+    """Mean absolute pixel change (0..1) of the trigger-free :data:`PRIOR_PROMPTS` between the base model and
+    the model with ``selection`` (default: every concept) composed: how far the concepts reach prompts
+    that do not ask for them."""
+    import numpy as np
+
+    base = list(base_images) if base_images is not None else sample(pipe, PRIOR_PROMPTS, ev)
+    with compose(pipe.unet, bank, selection, "merged"):
+        after = sample(pipe, PRIOR_PROMPTS, ev)
+    diffs = [
+        float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean()) / 255
+        for a, b in zip(base, after, strict=True)
+    ]
+    return sum(diffs) / len(diffs)
+
+
+def held_out_rows(
+    pipe, bank: ConceptBank, folder: Path, seed: int = 777, batches: int = 4, max_rows: int = 2048
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Input rows of every adapted layer for each toy concept of ``bank``, from views and noise that its
+    training never saw (new images in ``folder``/<trigger>, seed ``seed``), with every concept composed:
+    what the bound's check runs on."""
+    from ..backends.diffusers_backend import diffusion_loss
+    from ..method.stats import collect_rows
+    from .concepts import write_concept_folder
+
+    out = {}
+    size = native_resolution(pipe)
+    with compose(pipe.unet, bank, None, "merged"):
+        for c in bank.concepts:
+            found = toy_trigger(c)
+            if found is None:
+                continue
+            trigger, cid = found
+            where = folder / trigger
+            if not where.exists():
+                write_concept_folder(cid, where, n=4, seed=seed)
+            data = DiffusersConceptData(
+                pipe, ConceptDataset.from_folder(where, trigger, resolution=size), batch_size=4, seed=seed
+            )
+            out[c.name] = collect_rows(
+                pipe.unet,
+                bank.layers,
+                lambda i, data=data: diffusion_loss(pipe.unet, data.batches(i)),
+                range(batches),
+                max_rows,
+            )
+    return out
