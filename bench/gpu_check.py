@@ -144,7 +144,7 @@ def speed(unet, latent: int, steps: int, repeats: int, counts: list[int]) -> lis
                     batches,
                     cfg,
                     banks[n],
-                    callbacks=TrainCallbacks(on_step=lambda i: stamps.append(time.perf_counter())),
+                    callbacks=TrainCallbacks(on_step=lambda i, stamps=stamps: stamps.append(time.perf_counter())),
                 )
                 total = time.perf_counter() - t0
                 per = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
