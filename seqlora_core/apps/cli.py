@@ -202,9 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--targets", default="attn", help=f"{', '.join(PRESETS)} (default attn), or name patterns")
     t.add_argument(
         "--context",
-        choices=["stacked", "base"],
+        choices=["stacked", "base", "mixed"],
         default=None,
-        help="train on top of earlier concepts (stacked, SeqLoRA's default) or on the base model",
+        help="train on top of earlier concepts (stacked), on the base model (base), or each step either, "
+        "by a seeded coin (mixed: SeqLoRA's default, so a concept works alone and with the earlier ones)",
     )
     t.add_argument(
         "--protect",

@@ -27,7 +27,7 @@ from ..files import atomic_write_bytes
 from . import basis as bs
 from .adapters import AdapterLayer, inject, remove
 from .bank import Concept, ConceptBank, ConceptLayer, DuplicateConceptError
-from .compose import compose
+from .compose import Composition, compose
 from .interference import dense_gram, energy_of_gram
 from .methods import Method, get_method, method_of
 from .stats import record_moments, sketch_moment
@@ -77,10 +77,10 @@ class TrainConfig:
     dual_every: int = 10  # K
     lam_max: float = 100.0  # cap of the dual variable
     protect: str = "adaptive"  # activation-space protection of the earlier concepts and the prior: adaptive | off
-    protect_energy: float = 0.99  # theta: fraction of S_<t's energy to protect, when room allows
+    protect_energy: float = 0.9  # theta: fraction of S_<t's energy to protect, when room allows
     protect_margin: float = 2.0  # keep at least ceil(margin * rank) free directions per layer
     targets: str | tuple[str, ...] = "attn"
-    context: str | None = None  # "stacked" | "base"; None = the method's default
+    context: str | None = None  # "stacked" | "base" | "mixed"; None = the method's default
     seed: int = 0
     stats_batches: int = 8
     sketch_rank: int = 32
@@ -116,8 +116,8 @@ class TrainConfig:
             raise ValueError(f"protect_margin: {self.protect_margin}; use at least 1 (free directions per rank)")
         if not self.lam_max > 0:
             raise ValueError(f"lam_max: {self.lam_max}; the cap of the dual variable must be positive")
-        if self.context not in (None, "stacked", "base"):
-            raise ValueError(f"context: {self.context!r}; use 'stacked' or 'base'")
+        if self.context not in (None, "stacked", "base", "mixed"):
+            raise ValueError(f"context: {self.context!r}; use 'stacked', 'base' or 'mixed'")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             raise ValueError(f"precision: {self.precision!r}; use auto, bf16, fp16 or fp32")
         return get_method(self.method)
@@ -365,6 +365,7 @@ class _Run:
         self.losses: list[float] = []
         self.timings = {"upper_s": 0.0, "lower_s": 0.0, "forward_backward_s": 0.0}
         self.last_interference: tuple | None = None
+        self.earlier: Composition | None = None  # the earlier concepts, toggled per step in the "mixed" context
         self._interference_acc = [0.0, 0.0]
 
     # ---- setup -------------------------------------------------------------------------------
@@ -484,6 +485,8 @@ class _Run:
 
     def _loss_and_gradients(self) -> torch.Tensor:
         cfg = self.cfg
+        if self.earlier is not None:  # "mixed" context: the earlier concepts on for a seeded half of the steps
+            self.earlier.set_active(_coin(cfg.seed, self.step))
         for g in self.groups:
             g.B.grad = None
             if g.A.requires_grad:
@@ -707,14 +710,16 @@ def train_concept(
                 timings["prior_stats_s"] = time.perf_counter() - t
             if "weight_norms" not in bank.meta:
                 bank = dataclasses.replace(bank, meta={**bank.meta, "weight_norms": _weight_norms(model, specs)})
-            if context == "stacked" and bank.concepts:
-                restore.enter_context(compose(model, bank, None, "merged"))
+            if context in ("stacked", "mixed") and bank.concepts:
+                earlier = restore.enter_context(compose(model, bank, None, "merged"))
             _phase(cb, "concept stats")
             t = time.perf_counter()
             pre = _run_stats(model, specs, loss_fn, batches, config.stats_batches, config.precision)
             timings["concept_stats_s"] = time.perf_counter() - t
             t = time.perf_counter()
             run = _Run(model, loss_fn, batches, config, method, bank, prior_batches)
+            if context == "mixed" and bank.concepts:
+                run.earlier = earlier
             run.build_groups(pre)
             timings["basis_init_s"] = time.perf_counter() - t
             adapters = inject(model, specs)
@@ -727,6 +732,8 @@ def train_concept(
             timings["train_s"] = time.perf_counter() - t
             _phase(cb, "final stats")
             t = time.perf_counter()
+            if run.earlier is not None:
+                run.earlier.set_active(True)
             final = _run_stats(model, specs, loss_fn, batches, config.stats_batches, config.precision)
             timings["final_stats_s"] = time.perf_counter() - t
             concept = _make_concept(run, final, config, method)
@@ -778,6 +785,11 @@ def _train_loop(run: _Run, cb: TrainCallbacks, key: str) -> None:
             cb.on_step(StepInfo(run.step, config.steps, loss, rel, lam))
         if config.checkpoint_path and run.step % config.checkpoint_every == 0 and run.step < config.steps:
             run.save_checkpoint(key)
+
+
+def _coin(seed: int, step: int) -> bool:
+    """A fair coin that is a pure function of (seed, step), so a resumed run sees the same sequence."""
+    return bool(hashlib.sha256(f"{seed}:{step}".encode()).digest()[0] & 1)
 
 
 def _weight_norms(model: nn.Module, specs: list[LayerSpec]) -> dict[str, float]:
