@@ -267,6 +267,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=TOY_LR)
     ap.add_argument("--rank", type=int, default=TOY_TRAIN["rank"])
     ap.add_argument("--tag", default=None, help="result file name (default quality or quality_quick)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument(
         "--combine",
         default=None,
@@ -295,8 +296,9 @@ def main() -> None:
                 if len(have) == len(ns):
                     continue
                 t0 = time.perf_counter()
-                for r in run(method, ns, seed, args.steps, args.lr, args.rank, ev, Path(tmp), have):
+                for r in run(method, ns, seed, args.steps, args.lr, args.rank, ev, Path(tmp), have, args.device):
                     r["rank"] = args.rank
+                    r["device"] = args.device
                     rows.append(r)
                     with partial.open("a") as f:
                         f.write(json.dumps(r) + "\n")

@@ -169,7 +169,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(Path(args.out), concepts=args.concepts, steps=args.steps, seed=args.seed, quiet=args.quiet)
+    run_demo(
+        Path(args.out),
+        concepts=args.concepts,
+        steps=args.steps,
+        seed=args.seed,
+        quiet=args.quiet,
+        compare_lora=args.compare_lora,
+    )
     return 0
 
 
@@ -184,6 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=None, help="training steps per concept (default: the demo's)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.add_argument(
+        "--compare-lora",
+        action="store_true",
+        help="also learn the same concepts as plain LoRAs and measure their effect on trigger-free prompts",
+    )
     d.set_defaults(fn=cmd_demo)
 
     t = sub.add_parser("train", help="learn one concept and append it to a bank (created when absent)")

@@ -266,13 +266,12 @@ def held_out_rows(
 
 @torch.no_grad()
 def sample_regions(pipe, left: str, right: str, ev: EvalSettings) -> list[Image.Image]:
-    """Two prompts in one image, each on its own half (area conditioning, as ComfyUI's ConditioningSetArea
-    does): at every denoising step the left half of the latent is denoised as a picture of its own with
-    ``left``, the right half with ``right``, and classifier-free guidance uses the empty prompt on the
-    whole canvas. ``ev.seeds`` images from the same seeded noise as :func:`sample`."""
+    """Two prompts in one image, each bound to its half (regional prompting, as "latent couple" does): at
+    every denoising step the conditional prediction is ``left``'s on the left half of the canvas and
+    ``right``'s on the right half (a soft seam of two latent pixels), and classifier-free guidance uses the
+    empty prompt. ``ev.seeds`` images from the same seeded noise as :func:`sample`."""
     unet, sched = pipe.unet, pipe.scheduler
     size = unet.config.sample_size
-    half = size // 2
     ids = pipe.tokenizer(
         [left, right, ""],
         padding="max_length",
@@ -281,6 +280,8 @@ def sample_regions(pipe, left: str, right: str, ev: EvalSettings) -> list[Image.
         return_tensors="pt",
     ).input_ids
     text = pipe.text_encoder(ids.to(unet.device))[0].to(unet.dtype)
+    cols = torch.arange(size, dtype=torch.float32) + 0.5
+    weight_left = ((size / 2 - cols) / 2 + 0.5).clamp(0, 1).to(unet.device, unet.dtype).view(1, 1, 1, size)
     images = []
     for s in range(ev.seeds):
         noise = torch.randn(
@@ -289,12 +290,31 @@ def sample_regions(pipe, left: str, right: str, ev: EvalSettings) -> list[Image.
         latents = noise.to(unet.device, unet.dtype) * sched.init_noise_sigma
         sched.set_timesteps(ev.steps)
         for t in sched.timesteps:
-            x = sched.scale_model_input(latents, t)
-            uncond = unet(x, t, encoder_hidden_states=text[2:3]).sample
-            crops = torch.cat([x[..., :half], x[..., half:]])
-            cond = unet(crops, t, encoder_hidden_states=text[:2]).sample
-            cond = torch.cat([cond[0:1], cond[1:2]], dim=-1)
-            latents = sched.step(uncond + ev.guidance * (cond - uncond), t, latents).prev_sample
+            x = sched.scale_model_input(latents, t).expand(3, -1, -1, -1)
+            pred = unet(x, t, encoder_hidden_states=text).sample
+            cond = weight_left * pred[0:1] + (1 - weight_left) * pred[1:2]
+            latents = sched.step(pred[2:3] + ev.guidance * (cond - pred[2:3]), t, latents).prev_sample
         decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
         images.append(pipe.image_processor.postprocess(decoded, output_type="pil")[0])
     return images
+
+
+def region_pair_identity(
+    pipe,
+    bank: ConceptBank,
+    pairs: Sequence[tuple[str, str]],
+    ev: EvalSettings,
+    selection: Mapping[str, float] | None = None,
+) -> tuple[list[dict], list[Image.Image]]:
+    """Both concepts of each pair in one image, "A on the left" bound to the left half and "B on the right" to
+    the right (:func:`sample_regions`, with ``selection`` composed: default every concept), each half scored."""
+    out, images = [], []
+    with compose(pipe.unet, bank, selection, "merged"):
+        for a, b in pairs:
+            (ta, ia), (tb, ib) = _toy_triggers(bank, (a, b))
+            ims = sample_regions(pipe, f"{ta} on the left", f"{tb} on the right", ev)
+            lefts = _scores([_half(im, True) for im in ims], [ia] * len(ims))
+            rights = _scores([_half(im, False) for im in ims], [ib] * len(ims))
+            out.append({"pair": [a, b], "left": sum(lefts) / len(ims), "right": sum(rights) / len(ims)})
+            images += ims
+    return out, images
