@@ -137,9 +137,10 @@ def run(
     ev: EvalSettings,
     data_dir: Path,
     done: set[int],
+    device: str = "cpu",
 ):
     """Learn max(ns) concepts one after another; yield the checkpoint row at each N in ``ns`` not in ``done``."""
-    pipe = load_base(TOY)
+    pipe = load_base(TOY, device)
     base_images = sample(pipe, PRIOR_PROMPTS, ev)
     train = TOY_TRAIN | {"rank": rank}
     bank = None
