@@ -21,21 +21,19 @@ from pathlib import Path
 
 from _common import RESULTS, update_tables, write_result
 
-# name -> (method, TrainConfig overrides, lr); the rest as the toy recipe (rank 4, 250 steps, 8 images)
-SETTINGS: dict[str, tuple[str, dict, float]] = {
-    "lora": ("lora", {"targets": "attn_ff"}, 1.5e-2),
-    "v1_stacked": ("seqlora_v1", {"targets": "attn_ff"}, 1.5e-2),
-    "stacked_0.99": ("seqlora", {"targets": "attn_ff", "context": "stacked", "protect_energy": 0.99}, 1.5e-2),
-    "stacked_0.9": ("seqlora", {"targets": "attn_ff", "context": "stacked", "protect_energy": 0.9}, 1.5e-2),
-    "base_0.9": ("seqlora", {"targets": "attn_ff", "context": "base", "protect_energy": 0.9}, 1.5e-2),
-    "mixed_off": ("seqlora", {"targets": "attn_ff", "context": "mixed", "protect": "off"}, 1.5e-2),
-    "mixed_0.9": ("seqlora", {"targets": "attn_ff", "context": "mixed", "protect_energy": 0.9}, 1.5e-2),
-    "mixed_0.95": ("seqlora", {"targets": "attn_ff", "context": "mixed", "protect_energy": 0.95}, 1.5e-2),
-    "mixed_0.99": ("seqlora", {"targets": "attn_ff", "context": "mixed", "protect_energy": 0.99}, 1.5e-2),
-    "mixed_0.9_lr1e-2": ("seqlora", {"targets": "attn_ff", "context": "mixed", "protect_energy": 0.9}, 1e-2),
-    "attn_mixed_0.9": ("seqlora", {"targets": "attn", "context": "mixed", "protect_energy": 0.9}, 1.5e-2),
-    "cross_kv_mixed_0.9": ("seqlora", {"targets": "cross_kv", "context": "mixed", "protect_energy": 0.9}, 1.5e-2),
-    "cross_kv_lora": ("lora", {"targets": "cross_kv"}, 1.5e-2),
+# name -> (method, TrainConfig overrides, lr or None for the recipe's); the rest as the toy recipe (rank 4, 250
+# steps, 8 images)
+SETTINGS: dict[str, tuple[str, dict, float | None]] = {
+    "lora": ("lora", {"targets": "attn_ff"}, None),
+    "v1_stacked": ("seqlora_v1", {"targets": "attn_ff"}, None),
+    "stacked_0.9": ("seqlora", {"targets": "attn_ff", "context": "stacked", "protect_energy": 0.9}, None),
+    "base_0.9": ("seqlora", {"targets": "attn_ff", "context": "base", "protect_energy": 0.9}, None),
+    "mixed_off": ("seqlora", {"targets": "attn_ff", "context": "mixed", "protect": "off"}, None),
+    "mixed_0.9": ("seqlora", {"targets": "attn_ff", "context": "mixed", "protect_energy": 0.9}, None),
+    "mixed_0.99": ("seqlora", {"targets": "attn_ff", "context": "mixed", "protect_energy": 0.99}, None),
+    "mixed_0.9_lr1.5e-2": ("seqlora", {"targets": "attn_ff", "context": "mixed", "protect_energy": 0.9}, 1.5e-2),
+    "attn_mixed_0.9": ("seqlora", {"targets": "attn", "context": "mixed", "protect_energy": 0.9}, None),
+    "cross_kv_mixed_0.9": ("seqlora", {"targets": "cross_kv", "context": "mixed", "protect_energy": 0.9}, None),
 }
 CONCEPTS = (0, 1, 2, 3)
 
@@ -47,10 +45,11 @@ def measure(name: str, data_dir: str) -> dict:
     torch.set_num_threads(1)
     from seqlora_core import build_report
     from seqlora_core.apps.bases import TOY, load_base
-    from seqlora_core.apps.recipes import TOY_STEPS, learn_toy_concept
+    from seqlora_core.apps.recipes import TOY_LR, TOY_STEPS, learn_toy_concept
     from seqlora_core.toy.evaluation import PRIOR_PROMPTS, EvalSettings, concept_identity, prior_drift, sample
 
     method, overrides, lr = SETTINGS[name]
+    lr = lr or TOY_LR
     ev = EvalSettings()
     pipe = load_base(TOY)
     base = sample(pipe, PRIOR_PROMPTS, ev)

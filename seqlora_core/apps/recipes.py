@@ -31,7 +31,7 @@ from .bases import TOY
 # block: a rank-4 LoRA on attention alone learns a toy glyph only partly (its colours, rarely its
 # pattern); with the feed-forward layers it learns both.
 TOY_STEPS = 250
-TOY_LR = 1.5e-2
+TOY_LR = 1e-2
 TOY_IMAGES = 8
 TOY_TRAIN = {"targets": "attn_ff", "rank": 4}
 
