@@ -13,6 +13,8 @@ COLOURS = {
     "ortho_frozen": (30, 150, 60),
     "joint": (150, 60, 170),
     "fusion": (90, 90, 90),
+    "seqlora_v1": (240, 120, 120),
+    "frozen_a": (120, 40, 40),
 }
 Point = tuple[float, float, float]  # x, y, error bar half-height
 
@@ -69,13 +71,15 @@ def plot_quality(summary: list[dict], prefix: Path) -> list[Path]:
     """Final identity, average forgetting and interference against N, one line per method."""
     out = []
     for key, label in (
-        ("final_identity", "final average identity"),
+        ("mean_identity_alone", "identity, each concept alone"),
+        ("final_identity", "identity, all concepts composed"),
         ("average_forgetting", "average forgetting"),
-        ("mean_relative_interference", "mean relative interference"),
+        ("prior_drift_pixels", "prior drift (trigger-free prompts)"),
+        ("interference_on_earlier", "interference of new concepts on earlier ones"),
     ):
         series: dict[str, list[Point]] = {}
         for s in summary:
-            if s[key] is not None:
+            if s.get(key) is not None:
                 series.setdefault(s["method"], []).append((s["n"], s[key], s[key + "_std"]))
         if series:
             out.append(line_chart(series, label, "concepts N", label, Path(f"{prefix}_{key}.png")))

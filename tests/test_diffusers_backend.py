@@ -268,3 +268,21 @@ def test_the_prior_is_the_base_models_own_generations(sd_eps, dataset, tmp_path)
         sd_eps, folder, "zqx hat", cfg2, bank, resolution=32, callbacks=TrainCallbacks(on_phase=phases.append)
     )
     assert "prior images" not in phases, "generated once per bank"
+
+
+def test_min_snr_weighting_matches_its_formula(sd_eps, dataset):
+    from seqlora_core.backends.diffusers_backend import DiffusersConceptData, diffusion_loss
+
+    data = DiffusersConceptData(sd_eps, dataset, batch_size=1, seed=3)
+    for step in range(4):
+        batch = data.batches(step)
+        plain = float(diffusion_loss(sd_eps.unet, batch))
+        sched = batch["scheduler"]
+        g = torch.Generator().manual_seed(int(batch["seed"]))
+        torch.randn(batch["latents"].shape, generator=g)  # the noise comes first, then the timestep
+        t = torch.randint(0, sched.config.num_train_timesteps, (1,), generator=g)
+        snr = float(sched.alphas_cumprod[t] / (1 - sched.alphas_cumprod[t]))
+        weighted = float(diffusion_loss(sd_eps.unet, batch | {"min_snr_gamma": 5.0}))
+        assert weighted == pytest.approx(plain * min(snr, 5.0) / snr, rel=1e-5), (step, snr)
+    with pytest.raises(ValueError, match="min_snr_gamma"):
+        DiffusersConceptData(sd_eps, dataset, min_snr_gamma=0.0)

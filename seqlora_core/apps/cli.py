@@ -77,6 +77,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             callbacks=callbacks,
             class_prompt=args.class_prompt,
             prior_images=args.prior_images,
+            min_snr_gamma=args.min_snr_gamma,
         )
     except (KeyboardInterrupt, TrainingCancelled):
         bar.close()
@@ -168,7 +169,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(Path(args.out), concepts=args.concepts, steps=args.steps, seed=args.seed, quiet=args.quiet)
+    run_demo(
+        Path(args.out),
+        concepts=args.concepts,
+        steps=args.steps,
+        seed=args.seed,
+        quiet=args.quiet,
+        compare_lora=args.compare_lora,
+    )
     return 0
 
 
@@ -183,6 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=None, help="training steps per concept (default: the demo's)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.add_argument(
+        "--compare-lora",
+        action="store_true",
+        help="also learn the same concepts as plain LoRAs and measure their effect on trigger-free prompts",
+    )
     d.set_defaults(fn=cmd_demo)
 
     t = sub.add_parser("train", help="learn one concept and append it to a bank (created when absent)")
@@ -201,9 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--targets", default="attn", help=f"{', '.join(PRESETS)} (default attn), or name patterns")
     t.add_argument(
         "--context",
-        choices=["stacked", "base"],
+        choices=["stacked", "base", "mixed"],
         default=None,
-        help="train on top of earlier concepts (stacked, SeqLoRA's default) or on the base model",
+        help="train on top of earlier concepts (stacked), on the base model (base), or each step either, "
+        "by a seeded coin (mixed: SeqLoRA's default, so a concept works alone and with the earlier ones)",
     )
     t.add_argument(
         "--protect",
@@ -211,6 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="adaptive",
         help="keep the new basis out of the earlier concepts' and the base's top-energy input directions "
         "(adaptive, default) or only orthogonal to earlier bases (off)",
+    )
+    t.add_argument(
+        "--min-snr-gamma",
+        type=float,
+        default=None,
+        help="weight the loss by min(SNR, gamma) / SNR (min-SNR training; 5 is typical; default off, "
+        "the toy base uses its pretraining's 5)",
     )
     t.add_argument(
         "--class-prompt",

@@ -24,6 +24,7 @@ from ..method.bank import ConceptBank
 from ..method.trainer import BatchFn, TrainCallbacks, TrainConfig, train_concept
 from ..toy.concepts import trigger_word, write_concept_folder
 from ..toy.evaluation import toy_prior_data
+from ..toy.model import TRAIN_LOSS
 from .bases import TOY
 
 # How the demo and the benchmarks learn a toy concept. Attention and feed-forward of every transformer
@@ -54,6 +55,7 @@ def train_from_folder(
     callbacks: TrainCallbacks | None = None,
     class_prompt: str | None = None,
     prior_images: int = 8,
+    min_snr_gamma: float | None = None,
 ) -> ConceptBank:
     """Learn one concept from ``folder`` into ``bank`` (None: a new bank) and return the new bank.
 
@@ -62,14 +64,18 @@ def train_from_folder(
     when ``config.architecture`` is ``"toy"``, else ``prior_images`` generations of the base model for the
     concept's captions without the trigger, ``class_prompt`` and the empty prompt; it is prepared only when
     the training reads it (:func:`needs_prior`), i.e. once per bank unless a prior loss asks for it.
+    ``min_snr_gamma`` weights the loss (min-SNR); the toy world trains with the weighting its pretraining
+    used (``TRAIN_LOSS``) unless told otherwise.
     """
     resolution = resolution or native_resolution(pipe)
     dataset = ConceptDataset.from_folder(folder, trigger, caption_template, resolution)
-    data = DiffusersConceptData(pipe, dataset, batch_size=batch_size, seed=config.seed)
+    if min_snr_gamma is None and config.architecture == TOY:
+        min_snr_gamma = TRAIN_LOSS["min_snr_gamma"]
+    data = DiffusersConceptData(pipe, dataset, batch_size=batch_size, seed=config.seed, min_snr_gamma=min_snr_gamma)
     prior: BatchFn | None = None
     if needs_prior(bank, config):
         if config.architecture == TOY:
-            prior = toy_prior_data(pipe, seed=config.seed).batches
+            prior = toy_prior_data(pipe, seed=config.seed, min_snr_gamma=min_snr_gamma).batches
         else:
             if callbacks is not None and callbacks.on_phase is not None:
                 callbacks.on_phase("prior images")

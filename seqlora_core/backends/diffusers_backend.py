@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..data.dataset import ConceptDataset
@@ -210,7 +209,11 @@ class DiffusersConceptData:
         seed: int = 0,
         latent_mode: str = "mean",
         encode_batch_size: int = 8,
+        min_snr_gamma: float | None = None,
     ) -> None:
+        if min_snr_gamma is not None and not min_snr_gamma > 0:
+            raise ValueError(f"min_snr_gamma must be a positive number (5 is typical) or None, got {min_snr_gamma}")
+        self.min_snr_gamma = min_snr_gamma
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if latent_mode not in ("mean", "sample"):
@@ -275,6 +278,8 @@ class DiffusersConceptData:
             "captions": texts,
             "scheduler": self.scheduler,
         }
+        if self.min_snr_gamma is not None:
+            batch["min_snr_gamma"] = self.min_snr_gamma
         if self.sdxl:
             ds = self.dataset
             time_ids = [(*ds.original_sizes[i], *ds.crops_top_left[i], *ds.size(i)) for i in idx]
@@ -363,7 +368,9 @@ def diffusion_loss(unet: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     Noise and timesteps (uniform over the scheduler's training steps) come from a CPU generator
     seeded with `batch["seed"]`, so a batch always gives the same loss for the same weights.
     Target: the noise (`epsilon`), `scheduler.get_velocity` (`v_prediction`) or the latents
-    (`sample`), per `scheduler.config.prediction_type`. Works under `torch.autocast`.
+    (`sample`), per `scheduler.config.prediction_type`. With `batch["min_snr_gamma"]` each sample's error
+    is weighted by min(SNR, gamma) / SNR (epsilon; / (SNR + 1) for v, 1 for sample) as min-SNR training
+    does. Works under `torch.autocast`.
     """
     sched = batch["scheduler"]
     latents = batch["latents"].float()
@@ -391,7 +398,14 @@ def diffusion_loss(unet: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         return_dict=False,
         **kwargs,
     )[0]
-    return F.mse_loss(pred.float(), target.to(p.device).float())
+    err = (pred.float() - target.to(p.device).float()).pow(2)
+    gamma = batch.get("min_snr_gamma")
+    if gamma is None or kind == "sample":
+        return err.mean()
+    acp = sched.alphas_cumprod[t].float()
+    snr = acp / (1 - acp)
+    weight = snr.clamp(max=gamma) / (snr if kind == "epsilon" else snr + 1)
+    return (err.mean(dim=tuple(range(1, err.dim()))) * weight.to(err.device)).mean()
 
 
 @torch.no_grad()
@@ -443,6 +457,7 @@ def generated_prior_data(
     guidance: float = 5.0,
     seed: int = 0,
     batch_size: int = 4,
+    min_snr_gamma: float | None = None,
 ) -> DiffusersConceptData:
     """The base model's own generations for trigger-free prompts, as training data: concept 0 of a new bank.
 
@@ -468,4 +483,4 @@ def generated_prior_data(
         original_sizes=[(resolution, resolution)] * images,
         crops_top_left=[(0, 0)] * images,
     )
-    return DiffusersConceptData(pipe, ds, batch_size=batch_size, seed=seed)
+    return DiffusersConceptData(pipe, ds, batch_size=batch_size, seed=seed, min_snr_gamma=min_snr_gamma)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -43,85 +44,82 @@ def retract(a: torch.Tensor, q: torch.Tensor | None) -> torch.Tensor:
     return orthonormal_rows(project_out(a, q))
 
 
-def generalized_eigen_basis(
-    f_new: torch.Tensor,
-    s_old: torch.Tensor,
-    r: int,
-    q_prev: torch.Tensor | None = None,
-    delta_scale: float = 1e-2,
-) -> torch.Tensor:
-    """Top-r directions maximising a^T S_new a / a^T (S_old + delta I) a within the complement of Q.
-
-    ``S_new = F F^T`` is given by its sketch factor F (n x k); ``delta = delta_scale * tr(S_old) / n``.
-    With L L^T = S_old + delta I (in complement coordinates) the pencil's top eigenvectors are
-    L^-T u, u the top left singular vectors of L^-1 F: one Cholesky, no n x n eigendecomposition.
-    Returns A (r x n) with orthonormal rows, orthogonal to Q.
-    """
-    n = s_old.shape[0]
-    f = f_new.double()
-    s_old = s_old.double()
-    delta = delta_scale * float(torch.trace(s_old)) / n
-    if delta <= 0:
-        delta = delta_scale * max(float(f.pow(2).sum()) / n, 1e-12)
-    z = None
-    if q_prev is not None and q_prev.shape[1] > 0:
-        # Z: orthonormal basis of the complement of span(Q) (the trailing columns of a complete QR)
-        k = q_prev.shape[1]
-        full, _ = torch.linalg.qr(q_prev.double(), mode="complete")
-        z = full[:, k:]
-        if z.shape[1] < r:
-            raise ValueError(f"only {z.shape[1]} free directions left, rank {r} needs {r}")
-        f = z.T @ f
-        s_old = z.T @ s_old @ z
-    eye = torch.eye(s_old.shape[0], dtype=torch.float64, device=s_old.device)
-    chol = torch.linalg.cholesky((s_old + s_old.T) / 2 + delta * eye)
-    g = torch.linalg.solve_triangular(chol, f, upper=False)
-    u = torch.linalg.svd(g, full_matrices=False)[0]
-    if u.shape[1] < r:  # the concept spans fewer than r directions: complete with seeded ones
-        extra = torch.randn(u.shape[0], r - u.shape[1], generator=torch.Generator().manual_seed(r), dtype=u.dtype)
-        u = torch.linalg.qr(torch.cat([u, extra.to(u.device)], 1))[0]
-    dirs = torch.linalg.solve_triangular(chol.T, u[:, :r], upper=True)
-    a = (dirs if z is None else z @ dirs).T
-    return retract(a.float(), q_prev)
-
-
 def kaiming_rows(n: int, r: int, generator: torch.Generator) -> torch.Tensor:
     """kohya's lora_down init (kaiming-uniform with a = sqrt(5)): U(-1/sqrt(n), 1/sqrt(n))."""
     bound = 1.0 / n**0.5
     return (torch.rand(r, n, generator=generator) * 2 - 1) * bound
 
 
-def complement_basis(q: torch.Tensor | None, n: int) -> torch.Tensor:
+def complement_basis(q: torch.Tensor | None, n: int, device: torch.device | None = None) -> torch.Tensor:
     """An orthonormal basis (n x (n - K)) of the complement of span(Q) (float64)."""
     if q is None or q.shape[1] == 0:
-        return torch.eye(n, dtype=torch.float64)
+        return torch.eye(n, dtype=torch.float64, device=device)
     k = q.shape[1]
     full, _ = torch.linalg.qr(q.double(), mode="complete")
     return full[:, k:]
 
 
-def protected_subspace(
-    s_old: torch.Tensor, q_prev: torch.Tensor | None, r: int, energy: float, margin: float, reserve: int = 0
-) -> tuple[torch.Tensor, dict]:
-    """The top-energy directions of S_<t (within the complement of the earlier bases Q) to keep new bases out of.
+@dataclass
+class FreeSpace:
+    """Where a new basis may go at one layer: the complement of the earlier bases, less the protected
+    top-energy directions of the earlier activations. ``z`` (n x f) is orthonormal and diagonalises the
+    earlier concepts' moment there: z^T S_<t z = diag(evals)."""
 
-    Takes the fewest top eigenvectors of P S_<t P (P = I - Q Q^T) that hold ``energy`` of its trace, but
-    never so many that fewer than ceil(margin * r) directions stay free: the achieved energy fraction is
-    then lower, and reported. Returns (E, info): E (n x p, orthogonal to Q) and
-    {"protected": p, "energy": fraction of P S_<t P's trace in span(E), "free": directions left}.
+    z: torch.Tensor
+    evals: torch.Tensor
+    protected: torch.Tensor  # n x p: the protected directions (orthogonal to the earlier bases)
+    protection: dict | None  # {"protected", "energy", "free"} when protection was asked for
+
+
+def free_space(
+    s_old: torch.Tensor,
+    q_prev: torch.Tensor | None,
+    r: int,
+    protect_energy: float | None = None,
+    margin: float = 2.0,
+    reserve: int = 0,
+) -> FreeSpace:
+    """The complement Z of the earlier bases Q, with S_<t diagonalised in it (one complete QR, one eigh).
+
+    With ``protect_energy`` (theta) the fewest top eigenvectors of P S_<t P (P = I - Q Q^T) holding theta
+    of its trace are protected (left out of the free space), but never so many that fewer than
+    ceil(margin * r) directions stay free: the achieved energy fraction is then lower, and reported.
     """
     n = s_old.shape[0]
-    z = complement_basis(q_prev, n)
-    room = z.shape[1] - reserve
-    cap = max(0, room - math.ceil(margin * r))
+    z = complement_basis(q_prev, n, s_old.device)
     s_z = z.T @ s_old.double() @ z
     evals, evecs = torch.linalg.eigh((s_z + s_z.T) / 2)
     evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
-    total = float(evals.sum())
-    if total <= 0 or cap == 0 or energy <= 0:
-        return torch.zeros(n, 0), {"protected": 0, "energy": 0.0, "free": room}
-    cover = torch.cumsum(evals, 0) / total
-    wanted = int(torch.searchsorted(cover, torch.tensor(min(energy, 1.0), dtype=cover.dtype)).item()) + 1
-    p = min(wanted, cap)
-    e = (z @ evecs[:, :p]).float().contiguous()
-    return e, {"protected": p, "energy": float(cover[p - 1]), "free": room - p}
+    p, info = 0, None
+    if protect_energy is not None:
+        room = z.shape[1] - reserve
+        cap = max(0, room - math.ceil(margin * r))
+        total = float(evals.sum())
+        if total > 0 and cap > 0 and protect_energy > 0:
+            cover = torch.cumsum(evals, 0) / total
+            target = torch.tensor(min(protect_energy, 1.0), dtype=cover.dtype, device=cover.device)
+            p = min(int(torch.searchsorted(cover, target).item()) + 1, cap)
+            info = {"protected": p, "energy": float(cover[p - 1]), "free": room - p}
+        else:
+            info = {"protected": 0, "energy": 0.0, "free": room}
+    basis = z @ evecs
+    return FreeSpace(basis[:, p:].contiguous(), evals[p:].contiguous(), basis[:, :p].contiguous(), info)
+
+
+def generalized_eigen_basis(f_new: torch.Tensor, space: FreeSpace, r: int, delta: float) -> torch.Tensor:
+    """Top-r directions maximising a^T S_new a / a^T (S_<t + delta I) a inside the free space.
+
+    ``S_new = F F^T`` is given by its sketch factor F (n x k). In the free space's coordinates S_<t is
+    diagonal, so the pencil is whitened by 1 / sqrt(evals + delta): its top eigenvectors are those whitened
+    top left singular vectors of the whitened Z^T F. Returns A (r x n) with orthonormal rows in span(Z).
+    """
+    if space.z.shape[1] < r:
+        raise ValueError(f"only {space.z.shape[1]} free directions left, rank {r} needs {r}")
+    inv = (space.evals + delta).rsqrt().unsqueeze(1)
+    g = inv * (space.z.T @ f_new.to(space.z))
+    u = torch.linalg.svd(g, full_matrices=False)[0]
+    if u.shape[1] < r:  # the concept spans fewer than r directions: complete with seeded ones
+        extra = torch.randn(u.shape[0], r - u.shape[1], generator=torch.Generator().manual_seed(r), dtype=u.dtype)
+        u = torch.linalg.qr(torch.cat([u, extra.to(u.device)], 1))[0]
+    a = (space.z @ (inv * u[:, :r])).T
+    return orthonormal_rows(a.float())

@@ -49,11 +49,23 @@ class Composition:
         self._backups: dict[str, torch.Tensor] = {}
         self._wrappers: dict[str, AdapterLayer] = {}
 
+    def set_active(self, on: bool) -> None:
+        """Merged mode: put the composed weights in (``on``) or the original ones, exactly, without undoing
+        the composition (the first call keeps a copy of the composed weights)."""
+        if self.mode != "merged":
+            raise ValueError("set_active toggles merged compositions only")
+        if not hasattr(self, "_composed"):
+            self._composed = {n: _target(self.model, n).weight.detach().clone() for n in self._backups}
+        with torch.no_grad():
+            for name, w in (self._composed if on else self._backups).items():
+                _target(self.model, name).weight.copy_(w)
+
     def remove(self) -> None:
         with torch.no_grad():
             for name, w in self._backups.items():
                 _target(self.model, name).weight.copy_(w)
         self._backups.clear()
+        self.__dict__.pop("_composed", None)
         remove(self.model, self._wrappers)
         self._wrappers.clear()
 

@@ -40,7 +40,7 @@ class Method:
     basis: str
     constrained: bool  # orthogonality projection + interference penalty with dual ascent
     penalty_on_up: bool  # single-level: the penalty's gradient also reaches B (the `joint` ablation)
-    context: str  # default training context: "stacked" (earlier concepts active) or "base"
+    context: str  # default training context: "stacked" (earlier concepts active), "base" or "mixed" (both, per step)
     keep_moment: bool = False  # store each layer's full input moment (the fusion baseline needs it)
     fuse: Fuse | None = None  # composed by this rule (merged mode only) instead of summation
     protect: bool = False
@@ -56,7 +56,7 @@ METHODS: dict[str, Method] = {
             "learned",
             True,
             False,
-            "stacked",
+            "mixed",
             protect=True,
             summary="bilevel: learned basis orthogonal to earlier bases and away from their activations "
             "(upper), up factor fits the concept (lower)",
@@ -76,7 +76,7 @@ METHODS: dict[str, Method] = {
             "frozen_init",
             True,
             False,
-            "stacked",
+            "mixed",
             protect=True,
             summary="ablation: SeqLoRA's data-driven, protected basis, then frozen; only B trained (InfLoRA-like)",
         ),
@@ -102,7 +102,7 @@ METHODS: dict[str, Method] = {
             "learned",
             True,
             True,
-            "stacked",
+            "mixed",
             protect=True,
             summary="SeqLoRA's constraint and penalty, single-level (penalty gradient on B too)",
         ),

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from .bank import ConceptBank
 from .interference import bound_of_gram, energy, energy_of_gram, sketch_gram
 
@@ -204,3 +206,39 @@ def report_text(rep: dict) -> str:
             f"{', '.join(soft[first]['soft'])}"
         )
     return "\n".join(lines)
+
+
+def bound_exceedance(bank: ConceptBank, rows: dict[str, dict[str, torch.Tensor]], delta: float = 0.05) -> dict:
+    """How the per-layer forgetting bound at ``delta`` fares on real activations.
+
+    ``rows[j][layer]``: held-out input rows of concept j at that layer. For every layer and ordered pair
+    (t, j), t != j, the share of j's rows x with ||dW_t x||^2 above the bound of R(t->j) is its exceedance
+    rate; a bound that means what it says has a rate <= delta. Returns the share of (layer, pair) cases
+    within delta, the median and 90th percentile rate, and the case count."""
+    rates = []
+    for j, cj in enumerate(bank.concepts):
+        if cj.name not in rows:
+            continue
+        for spec in bank.layers:
+            x = rows[cj.name].get(spec.name)
+            sk = cj.layers[spec.name].sketch
+            if x is None or x.numel() == 0 or sk is None:
+                continue
+            x = x.double()
+            for t, ct in enumerate(bank.concepts):
+                if t == j:
+                    continue
+                cl = ct.layers[spec.name]
+                q = ((x @ cl.A.double().T) @ cl.B.double().T).pow(2).sum(1)
+                limit = bound_of_gram(cl.B, sketch_gram(cl.A, sk, "max"), delta)
+                rates.append(float((q > limit).double().mean()))
+    if not rates:
+        return {"cases": 0, "within_delta": None, "median_rate": None, "p90_rate": None, "delta": delta}
+    ordered = sorted(rates)
+    return {
+        "cases": len(rates),
+        "within_delta": sum(r <= delta for r in rates) / len(rates),
+        "median_rate": ordered[len(ordered) // 2],
+        "p90_rate": ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))],
+        "delta": delta,
+    }

@@ -174,3 +174,39 @@ def record_moments(
 def sketches_from_moments(moments: dict[str, torch.Tensor], k_max: int = 32, energy: float = 0.99) -> dict[str, Sketch]:
     """Per-layer sketches of per-layer moments."""
     return {name: sketch_moment(m, k_max, energy) for name, m in moments.items()}
+
+
+def collect_rows(
+    model: nn.Module,
+    specs: Iterable[LayerSpec],
+    run_batch: Callable[[int], object],
+    batch_ids: Iterable[int],
+    max_rows: int = 4096,
+) -> dict[str, torch.Tensor]:
+    """The input rows (float32, CPU) of the given layers over no-grad calls of ``run_batch(i)``: samples of
+    the activations themselves, for checks that moments cannot make (e.g. how often a bound is exceeded).
+    At most ``max_rows`` rows per layer are kept (evenly strided)."""
+    specs = list(specs)
+    store: dict[str, list[torch.Tensor]] = {s.name: [] for s in specs}
+    handles = []
+    for spec in specs:
+        module = model.get_submodule(spec.name)
+
+        def hook(_mod: nn.Module, args: tuple, spec: LayerSpec = spec, module: nn.Module = module) -> None:
+            store[spec.name].append(layer_rows(args[0].detach(), spec, module).float().cpu())
+
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            for i in batch_ids:
+                run_batch(i)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for name, parts in store.items():
+        rows = torch.cat(parts) if parts else torch.zeros(0, 0)
+        if rows.shape[0] > max_rows:
+            rows = rows[torch.linspace(0, rows.shape[0] - 1, max_rows).long()]
+        out[name] = rows
+    return out

@@ -27,7 +27,7 @@ from ..files import atomic_write_bytes
 from . import basis as bs
 from .adapters import AdapterLayer, inject, remove
 from .bank import Concept, ConceptBank, ConceptLayer, DuplicateConceptError
-from .compose import compose
+from .compose import Composition, compose
 from .interference import dense_gram, energy_of_gram
 from .methods import Method, get_method, method_of
 from .stats import record_moments, sketch_moment
@@ -77,10 +77,10 @@ class TrainConfig:
     dual_every: int = 10  # K
     lam_max: float = 100.0  # cap of the dual variable
     protect: str = "adaptive"  # activation-space protection of the earlier concepts and the prior: adaptive | off
-    protect_energy: float = 0.99  # theta: fraction of S_<t's energy to protect, when room allows
+    protect_energy: float = 0.9  # theta: fraction of S_<t's energy to protect, when room allows
     protect_margin: float = 2.0  # keep at least ceil(margin * rank) free directions per layer
     targets: str | tuple[str, ...] = "attn"
-    context: str | None = None  # "stacked" | "base"; None = the method's default
+    context: str | None = None  # "stacked" | "base" | "mixed"; None = the method's default
     seed: int = 0
     stats_batches: int = 8
     sketch_rank: int = 32
@@ -116,8 +116,8 @@ class TrainConfig:
             raise ValueError(f"protect_margin: {self.protect_margin}; use at least 1 (free directions per rank)")
         if not self.lam_max > 0:
             raise ValueError(f"lam_max: {self.lam_max}; the cap of the dual variable must be positive")
-        if self.context not in (None, "stacked", "base"):
-            raise ValueError(f"context: {self.context!r}; use 'stacked' or 'base'")
+        if self.context not in (None, "stacked", "base", "mixed"):
+            raise ValueError(f"context: {self.context!r}; use 'stacked', 'base' or 'mixed'")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             raise ValueError(f"precision: {self.precision!r}; use auto, bf16, fp16 or fp32")
         return get_method(self.method)
@@ -278,24 +278,31 @@ def _top_with_tail(moment: torch.Tensor, k: int, tail: str) -> tuple[torch.Tenso
     return sk.U, sk.s, sk.tail(tail)
 
 
-def _earlier_moment(bank: ConceptBank, layer: str, n: int, tail: str) -> tuple[torch.Tensor, int]:
-    """(S_<t, count): the prior's moment plus every earlier concept's (sketches with their tails)."""
-    total = torch.zeros(n, n, dtype=torch.float64)
-    count = 0
-    sketches = [bank.prior.get(layer)] + [c.layers[layer].sketch for c in bank.concepts]
-    for sk in sketches:
-        if sk is not None:
-            total += sk.dense(tail).double()
-            count += 1
-    return total, count
+def _earlier_moment(bank: ConceptBank, layer: str, n: int, tail: str, device: torch.device) -> tuple[torch.Tensor, int]:
+    """(S_<t, count): the prior's moment plus every earlier concept's (sketches with their tails), float64 on
+    ``device``, built from the stacked factors in two products."""
+    sketches = [sk for sk in [bank.prior.get(layer)] + [c.layers[layer].sketch for c in bank.concepts] if sk]
+    if not sketches:
+        return torch.zeros(n, n, dtype=torch.float64, device=device), 0
+    top = torch.cat([sk.factor for sk in sketches], 1).to(device, torch.float64)
+    total = top @ top.T
+    taus = [sk.tail(tail) for sk in sketches]
+    if any(taus):
+        tails = torch.cat([sk.U * math.sqrt(t) for sk, t in zip(sketches, taus, strict=True)], 1).to(
+            device, torch.float64
+        )
+        total -= tails @ tails.T
+        total += sum(taus) * torch.eye(n, dtype=torch.float64, device=device)
+    return total, len(sketches)
 
 
-def _in_space(moment: torch.Tensor, z: torch.Tensor | None, k: int, tail: str) -> tuple:
-    """(U, s, tau) of the moment restricted to span(Z) (all of R^n when Z is None), in R^n coordinates."""
-    if z is None:
-        return _top_with_tail(moment, k, tail)
-    u, s, tau = _top_with_tail(z.T @ moment.double() @ z, k, tail)
-    return (z @ u.double()).float(), s, tau
+def _old_moment(space: bs.FreeSpace, count: int, k: int, tail: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(U, s, tau) of the mean earlier moment S_<t / count as the new basis can see it: in the free space,
+    where it is diagonal: its top-k directions and the mean of the rest."""
+    k = min(k, space.evals.numel())
+    rest = space.evals[k:]
+    tau = float(rest.mean()) / count if tail != "none" and rest.numel() else 0.0
+    return space.z[:, :k].float(), space.evals[:k].float() / count, tau
 
 
 def _basis_rule(method_name: str) -> str:
@@ -358,39 +365,42 @@ class _Run:
         self.losses: list[float] = []
         self.timings = {"upper_s": 0.0, "lower_s": 0.0, "forward_backward_s": 0.0}
         self.last_interference: tuple | None = None
+        self.earlier: Composition | None = None  # the earlier concepts, toggled per step in the "mixed" context
         self._interference_acc = [0.0, 0.0]
 
     # ---- setup -------------------------------------------------------------------------------
     def init_layer(self, spec: LayerSpec, moment: torch.Tensor, slot: int, gen: torch.Generator) -> LayerInit:
-        """One layer's basis, constraint and penalty moments at the start of training, by the method's rules."""
+        """One layer's basis, constraint and penalty moments at the start of training, by the method's rules.
+
+        The linear algebra (one complement of the earlier bases, one eigendecomposition of the earlier
+        concepts' moment in it) runs in float64 on the model's device."""
         cfg, method, bank, r, n = self.cfg, self.method, self.bank, self.cfg.rank, spec.in_features
         if method.basis == "frozen_slot":
             a, soft = frozen_slot(n, r, slot, int(bank.meta.get("ortho_seed", 0)))
             return LayerInit(a, soft=soft)
         if not method.constrained:
             return LayerInit(bs.kaiming_rows(n, r, gen))
+        dev = moment.device
         own = _top_with_tail(moment, max(cfg.sketch_rank, r), method.tail)
-        earlier = [c.layers[spec.name].A.float() for c in bank.concepts]
-        q = bs.span_basis([a for a, c in zip(earlier, bank.concepts, strict=True) if not c.layers[spec.name].soft], n)
-        s_old, count = _earlier_moment(bank, spec.name, n, method.tail)
+        earlier = [c.layers[spec.name].A.to(dev, torch.float32) for c in bank.concepts]
+        hard = [a for a, c in zip(earlier, bank.concepts, strict=True) if not c.layers[spec.name].soft]
+        q = bs.span_basis(hard, n).to(dev)
+        s_old, count = _earlier_moment(bank, spec.name, n, method.tail, dev)
         soft = n - cfg.reserve - q.shape[1] < r
-        protection = None
+        protect = method.protect and cfg.protect == "adaptive" and count and not soft
         if soft:
             # a full layer: no hard projection; steer the basis away from every earlier basis instead
-            every = bs.span_basis(earlier, n).double()
+            every = bs.span_basis(earlier, n).to(dev).double()
             s_old = s_old + (float(torch.trace(s_old)) / n or 1.0) * (every @ every.T)
             q = None
-        elif method.protect and cfg.protect == "adaptive" and count:
-            e, protection = bs.protected_subspace(s_old, q, r, cfg.protect_energy, cfg.protect_margin, cfg.reserve)
-            q = torch.cat([q, e], 1)
-        f_own = own[0] * own[1].clamp_min(0).sqrt()
-        a = bs.generalized_eigen_basis(f_own, s_old, r, q)
-        old = None
-        if count and float(torch.trace(s_old)) > 0:
-            z = None if q is None or q.shape[1] == 0 else bs.complement_basis(q, n)
-            u, sv, tau = _in_space(s_old / count, z, cfg.penalty_rank, method.tail)
-            old = (u, sv, tau)
-        return LayerInit(a, q, old, own, soft, protection)
+        space = bs.free_space(s_old, q, r, cfg.protect_energy if protect else None, cfg.protect_margin, cfg.reserve)
+        trace = float(torch.trace(s_old))
+        f_own = own[0].to(dev) * own[1].to(dev).clamp_min(0).sqrt()
+        delta = 1e-2 * (trace / n if trace > 0 else max(float(f_own.pow(2).sum()) / n, 1e-12))
+        a = bs.generalized_eigen_basis(f_own, space, r, delta)
+        q_all = None if q is None else torch.cat([q, space.protected.float()], 1)
+        old = _old_moment(space, count, cfg.penalty_rank, method.tail) if count and trace > 0 else None
+        return LayerInit(a, q_all, old, own, soft, space.protection)
 
     def build_groups(self, pre: dict[str, torch.Tensor]) -> None:
         """Initial factors of every layer, stacked per (m, n) shape."""
@@ -475,6 +485,8 @@ class _Run:
 
     def _loss_and_gradients(self) -> torch.Tensor:
         cfg = self.cfg
+        if self.earlier is not None:  # "mixed" context: the earlier concepts on for a seeded half of the steps
+            self.earlier.set_active(_coin(cfg.seed, self.step))
         for g in self.groups:
             g.B.grad = None
             if g.A.requires_grad:
@@ -698,15 +710,17 @@ def train_concept(
                 timings["prior_stats_s"] = time.perf_counter() - t
             if "weight_norms" not in bank.meta:
                 bank = dataclasses.replace(bank, meta={**bank.meta, "weight_norms": _weight_norms(model, specs)})
-            if context == "stacked" and bank.concepts:
-                restore.enter_context(compose(model, bank, None, "merged"))
+            if context in ("stacked", "mixed") and bank.concepts:
+                earlier = restore.enter_context(compose(model, bank, None, "merged"))
             _phase(cb, "concept stats")
             t = time.perf_counter()
             pre = _run_stats(model, specs, loss_fn, batches, config.stats_batches, config.precision)
             timings["concept_stats_s"] = time.perf_counter() - t
             t = time.perf_counter()
             run = _Run(model, loss_fn, batches, config, method, bank, prior_batches)
-            run.build_groups({k: v.cpu() for k, v in pre.items()})
+            if context == "mixed" and bank.concepts:
+                run.earlier = earlier
+            run.build_groups(pre)
             timings["basis_init_s"] = time.perf_counter() - t
             adapters = inject(model, specs)
             restore.callback(remove, model, adapters)
@@ -718,6 +732,8 @@ def train_concept(
             timings["train_s"] = time.perf_counter() - t
             _phase(cb, "final stats")
             t = time.perf_counter()
+            if run.earlier is not None:
+                run.earlier.set_active(True)
             final = _run_stats(model, specs, loss_fn, batches, config.stats_batches, config.precision)
             timings["final_stats_s"] = time.perf_counter() - t
             concept = _make_concept(run, final, config, method)
@@ -769,6 +785,11 @@ def _train_loop(run: _Run, cb: TrainCallbacks, key: str) -> None:
             cb.on_step(StepInfo(run.step, config.steps, loss, rel, lam))
         if config.checkpoint_path and run.step % config.checkpoint_every == 0 and run.step < config.steps:
             run.save_checkpoint(key)
+
+
+def _coin(seed: int, step: int) -> bool:
+    """A fair coin that is a pure function of (seed, step), so a resumed run sees the same sequence."""
+    return bool(hashlib.sha256(f"{seed}:{step}".encode()).digest()[0] & 1)
 
 
 def _weight_norms(model: nn.Module, specs: list[LayerSpec]) -> dict[str, float]:

@@ -1,7 +1,8 @@
 """New concepts for the toy world: two-tone glyphs the base model never saw.
 
 Concept ``k`` is a mirror-symmetric 4x4 glyph in two colours, fixed by ``k`` alone, named by the
-reserved trigger word ``trigger_word(k)`` (``zqaa`` for 0). Its training images vary position,
+reserved trigger word ``trigger_word(k)`` (``zqaa`` for 0). The first ``N_DISTINCT`` (64) concepts share
+neither glyph nor colour pair with one another. Its training images vary position,
 size and background; captions use the base model's scene words, e.g. ``zqab on the left``.
 """
 
@@ -49,14 +50,32 @@ class ConceptSpec:
     colour2: str
 
 
-def _colour_pair(concept_id: int) -> tuple[str, str]:
-    """Distinct ordered colour pairs for the first 30 ids (a fixed shuffle), random after."""
+def _colour_pairs() -> list[tuple[str, str]]:
+    """Every ordered pair of distinct palette colours, in a fixed shuffled order (72 for 9 colours)."""
     names = list(PALETTE)
     pairs = [(a, b) for a in names for b in names if a != b]
     random.Random(12345).shuffle(pairs)
-    if concept_id < len(pairs):
-        return pairs[concept_id]
-    return tuple(random.Random(concept_id).sample(names, 2))  # type: ignore[return-value]
+    return pairs
+
+
+def _glyph_shapes() -> list[np.ndarray]:
+    """Every mirror-symmetric GRID x GRID glyph that fills its box with 9-14 cells, in a fixed shuffled order."""
+    shapes = []
+    half_w = (GRID + 1) // 2
+    for bits in range(1 << (GRID * half_w)):
+        half = np.array([(bits >> i) & 1 for i in range(GRID * half_w)], dtype=bool).reshape(GRID, half_w)
+        glyph = np.concatenate([half, half[:, : GRID // 2][:, ::-1]], axis=1)
+        if glyph.any(1).all() and glyph.any(0).all() and 9 <= glyph.sum() <= 14:
+            shapes.append(glyph)
+    order = list(range(len(shapes)))
+    random.Random(54321).shuffle(order)
+    return [shapes[i] for i in order]
+
+
+COLOUR_PAIRS = _colour_pairs()
+GLYPHS = _glyph_shapes()
+# Concepts below this id each have a glyph and a colour pair no other concept of that range has.
+N_DISTINCT = min(len(COLOUR_PAIRS), len(GLYPHS))
 
 
 def _mirrored(rng: np.random.Generator, p: float) -> np.ndarray:
@@ -64,21 +83,30 @@ def _mirrored(rng: np.random.Generator, p: float) -> np.ndarray:
     return np.concatenate([half, half[:, : GRID // 2][:, ::-1]], axis=1)
 
 
-def concept_spec(concept_id: int) -> ConceptSpec:
-    """The identity of concept ``concept_id`` (0 <= id < N_CONCEPTS); pure function of the id."""
-    if not 0 <= concept_id < N_CONCEPTS:
-        raise ValueError(f"concept id must be in [0, {N_CONCEPTS}), got {concept_id}")
-    rng = np.random.default_rng(1_000_003 * concept_id + 17)
-    while True:
-        glyph = _mirrored(rng, 0.7)
-        full_box = glyph.any(1).all() and glyph.any(0).all()
-        if full_box and 9 <= glyph.sum() <= 14:
-            break
+def random_tone(glyph: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A mirror-symmetric subset of the glyph's cells (2 to all but 4) drawn in the second colour."""
     while True:
         tone = _mirrored(rng, 0.4) & glyph
         if 2 <= tone.sum() <= glyph.sum() - 4:
-            break
-    c1, c2 = _colour_pair(concept_id)
+            return tone
+
+
+def concept_spec(concept_id: int) -> ConceptSpec:
+    """The identity of concept ``concept_id`` (0 <= id < N_CONCEPTS); pure function of the id.
+
+    Ids below ``N_DISTINCT`` get a glyph and an ordered colour pair of their own (no two share either);
+    later ids draw both at random.
+    """
+    if not 0 <= concept_id < N_CONCEPTS:
+        raise ValueError(f"concept id must be in [0, {N_CONCEPTS}), got {concept_id}")
+    rng = np.random.default_rng(1_000_003 * concept_id + 17)
+    if concept_id < N_DISTINCT:
+        glyph = GLYPHS[concept_id]
+        c1, c2 = COLOUR_PAIRS[concept_id]
+    else:
+        glyph = GLYPHS[int(rng.integers(len(GLYPHS)))]
+        c1, c2 = COLOUR_PAIRS[int(rng.integers(len(COLOUR_PAIRS)))]
+    tone = random_tone(glyph, rng)
     return ConceptSpec(concept_id, trigger_word(concept_id), glyph, tone, c1, c2)
 
 

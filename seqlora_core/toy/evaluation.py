@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -23,6 +24,16 @@ from .scenes import scene_dataset
 
 PROMPT = "a photo of {t}"
 PAIR_PROMPT = "{a} on the left and {b} on the right"
+# Trigger-free prompts that name their background, so that a changed background counts as drift only when
+# the prompt asked for another one.
+PRIOR_PROMPTS = (
+    "a red circle on the left, white background",
+    "a blue square at the top and a green ring at the bottom, black background",
+    "a big yellow triangle in the center, gray background",
+    "a small purple diamond on the right, white background",
+    "a cyan cross at the bottom, black background",
+    "a orange and pink striped circle in the center, gray background",
+)
 
 
 @dataclass
@@ -50,7 +61,7 @@ def toy_id(concept: Concept) -> int | None:
     return None if found is None else found[1]
 
 
-def toy_prior_data(pipe, n: int = 32, seed: int = 0) -> DiffusersConceptData:
+def toy_prior_data(pipe, n: int = 32, seed: int = 0, min_snr_gamma: float | None = None) -> DiffusersConceptData:
     """The base world's own scenes and prompts (every fourth one empty, as classifier-free guidance asks
     for it): what "the model without any concept" must keep doing.
 
@@ -71,7 +82,7 @@ def toy_prior_data(pipe, n: int = 32, seed: int = 0) -> DiffusersConceptData:
         original_sizes=[(size, size)] * n,
         crops_top_left=[(0, 0)] * n,
     )
-    return DiffusersConceptData(pipe, ds, batch_size=4, seed=seed)
+    return DiffusersConceptData(pipe, ds, batch_size=4, seed=seed, min_snr_gamma=min_snr_gamma)
 
 
 @torch.no_grad()
@@ -195,3 +206,115 @@ def identity_report(pipe, bank: ConceptBank, n: int = 8, steps: int = 20, guidan
             "all": score(everyone),
         }
     return report
+
+
+def prior_drift(
+    pipe,
+    bank: ConceptBank,
+    ev: EvalSettings,
+    selection: Mapping[str, float] | None = None,
+    base_images: Sequence[Image.Image] | None = None,
+) -> float:
+    """Mean absolute pixel change (0..1) of the trigger-free :data:`PRIOR_PROMPTS` between the base model and
+    the model with ``selection`` (default: every concept) composed: how far the concepts reach prompts
+    that do not ask for them."""
+    import numpy as np
+
+    base = list(base_images) if base_images is not None else sample(pipe, PRIOR_PROMPTS, ev)
+    with compose(pipe.unet, bank, selection, "merged"):
+        after = sample(pipe, PRIOR_PROMPTS, ev)
+    diffs = [
+        float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean()) / 255
+        for a, b in zip(base, after, strict=True)
+    ]
+    return sum(diffs) / len(diffs)
+
+
+def held_out_rows(
+    pipe, bank: ConceptBank, folder: Path, seed: int = 777, batches: int = 4, max_rows: int = 2048
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Input rows of every adapted layer for each toy concept of ``bank``, from views and noise that its
+    training never saw (new images in ``folder``/<trigger>, seed ``seed``), with every concept composed:
+    what the bound's check runs on."""
+    from ..backends.diffusers_backend import diffusion_loss
+    from ..method.stats import collect_rows
+    from .concepts import write_concept_folder
+
+    out = {}
+    size = native_resolution(pipe)
+    with compose(pipe.unet, bank, None, "merged"):
+        for c in bank.concepts:
+            found = toy_trigger(c)
+            if found is None:
+                continue
+            trigger, cid = found
+            where = folder / trigger
+            if not where.exists():
+                write_concept_folder(cid, where, n=4, seed=seed)
+            data = DiffusersConceptData(
+                pipe, ConceptDataset.from_folder(where, trigger, resolution=size), batch_size=4, seed=seed
+            )
+            out[c.name] = collect_rows(
+                pipe.unet,
+                bank.layers,
+                lambda i, data=data: diffusion_loss(pipe.unet, data.batches(i)),
+                range(batches),
+                max_rows,
+            )
+    return out
+
+
+@torch.no_grad()
+def sample_regions(pipe, left: str, right: str, ev: EvalSettings) -> list[Image.Image]:
+    """Two prompts in one image, each bound to its half (regional prompting, as "latent couple" does): at
+    every denoising step the conditional prediction is ``left``'s on the left half of the canvas and
+    ``right``'s on the right half (a soft seam of two latent pixels), and classifier-free guidance uses the
+    empty prompt. ``ev.seeds`` images from the same seeded noise as :func:`sample`."""
+    unet, sched = pipe.unet, pipe.scheduler
+    size = unet.config.sample_size
+    ids = pipe.tokenizer(
+        [left, right, ""],
+        padding="max_length",
+        max_length=pipe.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    text = pipe.text_encoder(ids.to(unet.device))[0].to(unet.dtype)
+    cols = torch.arange(size, dtype=torch.float32) + 0.5
+    weight_left = ((size / 2 - cols) / 2 + 0.5).clamp(0, 1).to(unet.device, unet.dtype).view(1, 1, 1, size)
+    images = []
+    for s in range(ev.seeds):
+        noise = torch.randn(
+            (1, unet.config.in_channels, size, size), generator=torch.Generator("cpu").manual_seed(ev.base_seed + s)
+        )
+        latents = noise.to(unet.device, unet.dtype) * sched.init_noise_sigma
+        sched.set_timesteps(ev.steps)
+        for t in sched.timesteps:
+            x = sched.scale_model_input(latents, t).expand(3, -1, -1, -1)
+            pred = unet(x, t, encoder_hidden_states=text).sample
+            cond = weight_left * pred[0:1] + (1 - weight_left) * pred[1:2]
+            latents = sched.step(pred[2:3] + ev.guidance * (cond - pred[2:3]), t, latents).prev_sample
+        decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+        images.append(pipe.image_processor.postprocess(decoded, output_type="pil")[0])
+    return images
+
+
+def region_pair_identity(
+    pipe,
+    bank: ConceptBank,
+    pairs: Sequence[tuple[str, str]],
+    ev: EvalSettings,
+    selection: Mapping[str, float] | None = None,
+) -> tuple[list[dict], list[Image.Image]]:
+    """Both concepts of each pair in one image, "A on the left" bound to the left half and "B on the right" to
+    the right (:func:`sample_regions`, with ``selection`` composed: default every concept), each half scored."""
+    out, images = [], []
+    with compose(pipe.unet, bank, selection, "merged"):
+        for a, b in pairs:
+            (ta, ia), (tb, ib) = _toy_triggers(bank, (a, b))
+            ims = sample_regions(pipe, f"{ta} on the left", f"{tb} on the right", ev)
+            lefts = _scores([_half(im, True) for im in ims], [ia] * len(ims))
+            rights = _scores([_half(im, False) for im in ims], [ib] * len(ims))
+            out.append({"pair": [a, b], "left": sum(lefts) / len(ims), "right": sum(rights) / len(ims)})
+            images += ims
+    return out, images

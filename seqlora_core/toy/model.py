@@ -1,8 +1,10 @@
 """The toy text-to-image model: a tiny, standard diffusers ``StableDiffusionPipeline``.
 
-32x32 RGB images, a 2x AutoencoderKL (16x16x4 latents), a two-level cross-attention UNet, a small
-CLIP text encoder and a word-level CLIP tokenizer whose vocabulary is the scene words plus
-``N_TRIGGERS`` reserved trigger words (``zqaa``, ``zqab``, ...) that pretraining never shows.
+32x32 RGB images, a 2x AutoencoderKL (16x16x4 latents), a UNet with widths 32/128/128 and cross-attention
+at 8x8 and 4x4, a 3-layer CLIP text encoder 256 wide (so cross-attention keys and values, which read it,
+have room for many rank-4 concepts beside the base's own prompts) and a word-level CLIP tokenizer whose
+vocabulary is the scene words plus ``N_TRIGGERS`` reserved trigger words (``zqaa``, ``zqab``, ...) that
+pretraining never shows. Prompts are at most ``MAX_LENGTH`` tokens (the scene prompts need under 20).
 """
 
 from __future__ import annotations
@@ -21,9 +23,13 @@ from .scenes import RESOLUTION, vocabulary
 __all__ = ["N_TRIGGERS", "load_toy_pipeline", "trigger_word", "trigger_words", "write_tokenizer"]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-MAX_LENGTH = 77
-HIDDEN = 64
+MAX_LENGTH = 32
+HIDDEN = 256  # text encoder width = cross-attention key/value input width
+WIDTHS = (32, 128, 128)
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+# The denoising loss of pretraining, which concept training on the toy world must use too: epsilon
+# prediction, min-SNR weighting (gamma 5), no offset noise.
+TRAIN_LOSS = {"prediction": "epsilon", "min_snr_gamma": 5.0, "offset_noise": 0.0}
 SCHEDULER_KW = dict(
     num_train_timesteps=1000,
     beta_start=0.00085,
@@ -87,7 +93,7 @@ def write_tokenizer(out_dir: str | Path) -> Path:
 
 
 def text_config(vocab_size: int, bos_id: int, eos_id: int) -> CLIPTextConfig:
-    """A 3-layer, 64-wide CLIP text encoder."""
+    """A 3-layer CLIP text encoder, ``HIDDEN`` wide."""
     return CLIPTextConfig(
         vocab_size=vocab_size,
         hidden_size=HIDDEN,
@@ -103,13 +109,13 @@ def text_config(vocab_size: int, bos_id: int, eos_id: int) -> CLIPTextConfig:
 
 
 def unet_config() -> dict:
-    """Three levels (16x16, 8x8, 4x4 latents), widths 32/64/64, cross-attention at 8x8 and 4x4."""
+    """Three levels (16x16, 8x8, 4x4 latents), widths ``WIDTHS``, cross-attention at 8x8 and 4x4."""
     return dict(
         sample_size=RESOLUTION // 2,
         in_channels=4,
         out_channels=4,
         layers_per_block=1,
-        block_out_channels=(32, 64, 64),
+        block_out_channels=WIDTHS,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=HIDDEN,

@@ -2,12 +2,16 @@
 
 ``python -m seqlora_core.toy.pretrain --out seqlora_core/toy/weights``
 
-1. VAE (2x AutoencoderKL) on rendered scenes plus random colour mosaics (a generic codec).
-2. UNet + text encoder jointly on the scenes' latents, with 10% empty prompts (for guidance),
-   offset noise and an exponential moving average of the weights.
+1. VAE (2x AutoencoderKL) on rendered scenes, random colour mosaics and random blocky glyphs in any
+   colour (a generic codec, so that new concepts' glyphs survive it).
+2. UNet + text encoder jointly on the scenes' latents, with 10% empty prompts (for guidance), the
+   denoising loss concept training uses too (``TRAIN_LOSS``: epsilon prediction, min-SNR weighting, no
+   offset noise) and an exponential moving average of the weights.
 3. Reserved trigger words get random embeddings with the norm of the trained words, so new words
    stay distinct for the text encoder while it never saw them.
-4. Prompt-following check on held-out (colour, shape) pairs; results go to ``pretrain_info.json``.
+4. Checks: prompt following on held-out (colour, shape) pairs, and the room the base leaves per adapted
+   layer (how many input directions hold 99% / 99.9% of the trigger-free prompts' activation energy);
+   results go to ``pretrain_info.json``.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from tqdm import tqdm
 from .identity import SmallCNN, augment, fit, to_input
 from .model import (
     N_TRIGGERS,
+    TRAIN_LOSS,
     build_toy_pipeline,
     save_toy_pipeline,
     train_scheduler,
@@ -93,60 +98,6 @@ def pixel_glyphs(n: int, seed: int, resolution: int = RESOLUTION) -> np.ndarray:
         img[y0 : y0 + side, x0 : x0 + side] = np.where(block >= 0, block, region)
         out[i] = np.clip(img, 0, 255).astype(np.uint8)
     return out
-
-
-def refine_vae(weights_dir: Path, n_scenes: int, steps: int, batch: int, seed: int) -> dict:
-    """Stage 3: make the VAE a better generic codec (mosaics, blocky glyphs in any colour) while
-    anchoring its latents of scenes to the ones the UNet was trained on. Rewrites the saved VAE."""
-    from .model import load_toy_pipeline
-
-    pipe = load_toy_pipeline(weights_dir)
-    vae = pipe.vae
-    images, _, _ = scene_dataset(n_scenes, seed=seed)
-    scenes = to_tensor(images)
-    generic = torch.cat([to_tensor(mosaics(n_scenes // 2, seed + 2)), to_tensor(pixel_glyphs(n_scenes, seed + 3))])
-    probe = to_tensor(pixel_glyphs(256, seed + 4))
-    with torch.no_grad():
-        anchor = encode_latents(vae, scenes)
-        before = F.mse_loss(vae.decode(vae.encode(probe).latent_dist.mean).sample, probe).item()
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(vae.parameters(), lr=3e-4)
-    vae.train()
-    for step in tqdm(range(steps), desc="vae refine", mininterval=10):
-        for g in opt.param_groups:
-            g["lr"] = 3e-4 * cosine_lr(step, steps, 50)
-        si = torch.randint(0, len(scenes), (batch // 2,), generator=gen)
-        gi = torch.randint(0, len(generic), (batch - batch // 2,), generator=gen)
-        x = torch.cat([scenes[si], generic[gi]])
-        post = vae.encode(x).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
-        rec = vae.decode(z).sample
-        loss = (
-            F.mse_loss(rec, x)
-            + F.mse_loss(post.mean[: len(si)], anchor[si])
-            + 1e-4 * (0.5 * (post.mean.pow(2) + post.var - 1.0 - post.logvar).mean())
-        )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    vae.eval()
-    with torch.no_grad():
-        after = F.mse_loss(vae.decode(vae.encode(probe).latent_dist.mean).sample, probe).item()
-        drift = F.mse_loss(encode_latents(vae, scenes[:512]), anchor[:512]).item() / anchor.var().item()
-        rec = vae.decode(vae.encode(scenes[:256]).latent_dist.mean).sample.clamp(-1, 1)
-        psnr = 10 * math.log10(4.0 / F.mse_loss(rec, scenes[:256]).item())
-    vae.to(torch.float16).save_pretrained(str(weights_dir / "vae"), safe_serialization=True)
-    config_path = weights_dir / "vae" / "config.json"
-    config = json.loads(config_path.read_text())
-    config.pop("_name_or_path", None)  # the folder it was loaded from: not part of the model
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return {
-        "vae_refine_steps": steps,
-        "glyph_psnr_before_db": round(10 * math.log10(4.0 / before), 2),
-        "glyph_psnr_after_db": round(10 * math.log10(4.0 / after), 2),
-        "scene_psnr_after_db": round(psnr, 2),
-        "scene_latent_drift": drift,
-    }
 
 
 def cosine_lr(step: int, total: int, warmup: int) -> float:
@@ -247,15 +198,14 @@ def train_denoiser(
     lr: float,
     seed: int,
     p_uncond: float = 0.1,
-    offset_noise: float = 0.1,
     ema_decay: float = 0.995,
     trigger_norm: float = 0.25,
     trigger_weight: float = 0.05,
-    min_snr: float = 5.0,
 ) -> list[float]:
     """Train UNet and text encoder together; the pipeline ends up holding the EMA weights.
 
-    Min-SNR loss weighting (``min_snr``) speeds up learning of layout and shape.
+    The loss is ``TRAIN_LOSS``'s (min-SNR weighting speeds up learning of layout and shape); concept
+    training on the toy world uses the same one.
     Trigger-word embeddings stay fixed (random, ``trigger_norm``); ``trigger_weight`` scales
     ``trigger_separation_loss``.
     """
@@ -288,14 +238,13 @@ def train_denoiser(
         drop = torch.rand(batch, generator=gen) < p_uncond
         b_ids[drop] = empty
         noise = torch.randn(x0.shape, generator=gen)
-        noise += offset_noise * torch.randn(x0.shape[0], x0.shape[1], 1, 1, generator=gen)
         t = torch.randint(0, len(acp), (batch,), generator=gen)
         a = acp[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         cond = te(b_ids)[0]
         pred = unet(xt, t, cond).sample
         snr = a / (1 - a)
-        weight = snr.clamp(max=min_snr) / snr
+        weight = snr.clamp(max=TRAIN_LOSS["min_snr_gamma"]) / snr
         loss = (weight * (pred - noise).pow(2)).mean()
         sep = trigger_separation_loss(te, tok, rows, gen) if trigger_weight else torch.zeros(())
         opt.zero_grad(set_to_none=True)
@@ -573,7 +522,9 @@ def pretrain(out: Path, n_scenes: int, vae_steps: int, unet_steps: int, batch: i
     pipe = build_toy_pipeline(tok_dir, seed=seed)
     images, prompts, _ = scene_dataset(n_scenes, seed=seed)
     data = to_tensor(images)
-    vae_data = torch.cat([data, to_tensor(mosaics(n_scenes // 3, seed + 1))])
+    vae_data = torch.cat(
+        [data, to_tensor(mosaics(n_scenes // 3, seed + 1)), to_tensor(pixel_glyphs(n_scenes // 2, seed + 3))]
+    )
     print(f"[{time.time() - t0:.0f}s] rendered {len(images)} scenes")
     psnr = train_vae(pipe.vae, vae_data, vae_steps, batch, 1e-3, seed)
     print(f"[{time.time() - t0:.0f}s] vae psnr {psnr:.1f} dB")
@@ -602,6 +553,9 @@ def pretrain(out: Path, n_scenes: int, vae_steps: int, unet_steps: int, batch: i
         "vae_seconds": round(t_vae),
         "total_seconds": round(elapsed),
         "machine": machine(),
+        "widths": list(pipe.unet.config.block_out_channels),
+        "text_width": pipe.text_encoder.config.hidden_size,
+        "train_loss": dict(TRAIN_LOSS),
         "n_triggers": N_TRIGGERS,
         "trained_word_norm": word_norm,
         **trigger_distinctness(pipe),
@@ -610,18 +564,86 @@ def pretrain(out: Path, n_scenes: int, vae_steps: int, unet_steps: int, batch: i
     return info
 
 
+@torch.no_grad()
+def prior_room(
+    weights_dir: Path, targets: str = "attn_ff", n_scenes: int = 256, seed: int = 0, batch: int = 32
+) -> dict:
+    """How full the base's adapted layers are: per layer, the number of input directions that hold 99% and
+    99.9% of the activation energy of trigger-free prompts (the world's scenes, every fourth prompt empty)
+    at random timesteps. What is left over is the room new concepts have."""
+    from ..method.stats import MomentRecorder
+    from ..method.targets import find_targets
+    from .model import load_toy_pipeline
+
+    pipe = load_toy_pipeline(weights_dir)
+    unet, vae, tok = pipe.unet, pipe.vae, pipe.tokenizer
+    images, prompts, _ = scene_dataset(n_scenes, seed=20_000 + seed)
+    prompts = ["" if i % 4 == 3 else p for i, p in enumerate(prompts)]
+    specs = find_targets(unet, targets)
+    acp = train_scheduler().alphas_cumprod
+    gen = torch.Generator().manual_seed(seed)
+    with MomentRecorder(unet, specs) as rec:
+        for i in range(0, n_scenes, batch):
+            x = to_tensor(images[i : i + batch])
+            lat = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+            ids = tok(
+                prompts[i : i + batch], padding="max_length", max_length=tok.model_max_length, return_tensors="pt"
+            ).input_ids
+            t = torch.randint(0, len(acp), (len(x),), generator=gen)
+            a = acp[t].view(-1, 1, 1, 1)
+            noisy = a.sqrt() * lat + (1 - a).sqrt() * torch.randn(lat.shape, generator=gen)
+            unet(noisy, t, pipe.text_encoder(ids)[0])
+    layers = {}
+    for spec, moment in zip(specs, rec.moments().values(), strict=True):
+        evals = torch.linalg.eigvalsh(moment.double()).flip(0).clamp_min(0)
+        cover = torch.cumsum(evals, 0) / evals.sum()
+        layers[spec.name] = {
+            "width": spec.in_features,
+            "dirs_99": int((cover < 0.99).sum()) + 1,
+            "dirs_999": int((cover < 0.999).sum()) + 1,
+        }
+    by_kind: dict[str, list[dict]] = {}
+    for name, row in layers.items():
+        kind = ".".join(name.split(".")[-2:]) if ".ff." not in name else "ff." + name.rsplit(".ff.", 1)[1]
+        by_kind.setdefault(kind, []).append(row)
+    summary = {
+        kind: {
+            "width": rows[0]["width"],
+            "layers": len(rows),
+            "dirs_99_median": float(np.median([r["dirs_99"] for r in rows])),
+            "dirs_999_median": float(np.median([r["dirs_999"] for r in rows])),
+            "dirs_999_max": max(r["dirs_999"] for r in rows),
+            "free_fraction_999_median": float(np.median([1 - r["dirs_999"] / r["width"] for r in rows])),
+        }
+        for kind, rows in sorted(by_kind.items())
+    }
+    return {"targets": targets, "prompts": n_scenes, "by_kind": summary, "layers": layers}
+
+
+def print_room(room: dict) -> None:
+    """The room table, one row per kind of adapted layer."""
+    print(
+        f"room left by trigger-free prompts ({room['targets']}, {room['prompts']} prompts; directions for "
+        "99% / 99.9% of the energy, median over layers):"
+    )
+    for kind, row in room["by_kind"].items():
+        print(
+            f"  {kind:<22} width {row['width']:>4}  x{row['layers']:<3} 99%: {row['dirs_99_median']:>5.0f}  "
+            f"99.9%: {row['dirs_999_median']:>5.0f} (max {row['dirs_999_max']})  "
+            f"free at 99.9%: {row['free_fraction_999_median']:.0%}"
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "weights")
-    ap.add_argument("--scenes", type=int, default=12000)
-    ap.add_argument("--vae-steps", type=int, default=500)
-    ap.add_argument("--unet-steps", type=int, default=3500)
+    ap.add_argument("--scenes", type=int, default=16000)
+    ap.add_argument("--vae-steps", type=int, default=1000)
+    ap.add_argument("--unet-steps", type=int, default=5000)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="1 is fastest on a busy machine")
-    ap.add_argument("--vae-refine-steps", type=int, default=600)
     ap.add_argument("--skip-eval", action="store_true", help="train only")
-    ap.add_argument("--refine-only", action="store_true", help="run only stage 3 on the weights in --out")
     ap.add_argument("--eval-only", action="store_true", help="evaluate the weights in --out")
     ap.add_argument(
         "--finetune-check",
@@ -633,17 +655,13 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     info_path = args.out / INFO_FILE
     info = json.loads(info_path.read_text()) if args.eval_only and info_path.exists() else {}
-    if args.refine_only:
-        info = json.loads(info_path.read_text())
-    if not args.eval_only and not args.refine_only:
+    if not args.eval_only:
         info = pretrain(args.out, args.scenes, args.vae_steps, args.unet_steps, args.batch, args.seed)
         info_path.write_text(json.dumps(info, indent=2) + "\n")
-    if not args.eval_only:
-        t0 = time.time()
-        info.update(refine_vae(args.out, args.scenes, args.vae_refine_steps, args.batch, args.seed))
-        info["vae_refine_seconds"] = round(time.time() - t0)
-        info_path.write_text(json.dumps(info, indent=2) + "\n")
     if not args.skip_eval:
+        info["room"] = prior_room(args.out, seed=args.seed)
+        info_path.write_text(json.dumps(info, indent=2) + "\n")
+        print_room(info["room"])
         info["prompt_following"] = prompt_following(args.out, seed=args.seed)
         info_path.write_text(json.dumps(info, indent=2) + "\n")
         print(json.dumps(info["prompt_following"], indent=2))

@@ -22,6 +22,9 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "yellow": (240, 215, 30),
     "purple": (150, 60, 200),
     "orange": (250, 135, 20),
+    "cyan": (30, 200, 210),
+    "pink": (245, 120, 185),
+    "brown": (135, 75, 30),
 }
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "white": (235, 235, 235),
