@@ -208,15 +208,80 @@ def _fill_(named: Iterable[tuple[str, Any]], generator) -> None:
                 t.copy_(torch.randn(t.shape, generator=generator) * (0.5 / fan_in**0.5))
 
 
-def build_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
-    """Write a random SD1.5-detected checkpoint: 1-level UNet, TAESD, full CLIP-L, fp16 (~276 MiB).
+# ComfyUI's model detection (comfy/model_detection.py, comfy/supported_models.py) pins only a few numbers per
+# family; the rest of each UNet is as small as it can be while ComfyUI still detects the family.
+TINY_UNETS: dict[str, dict[str, Any]] = {
+    # SD15: width 320, context 768, conv proj_in, no ADM; one level, one res block, one transformer
+    "sd15": dict(
+        num_res_blocks=1,
+        channel_mult=(1,),
+        num_heads=8,
+        transformer_depth=[1],
+        transformer_depth_output=[1, 1],
+        transformer_depth_middle=-2,
+        context_dim=768,
+        use_linear_in_transformer=False,
+    ),
+    # SD20: width 320, context 1024, linear proj_in, no ADM; v-prediction is read from the spread of
+    # output_blocks.11's first norm1.bias, so the block layout is SD2's own (4 levels, 2 res blocks)
+    "sd2v": dict(
+        num_res_blocks=2,
+        channel_mult=(1, 1, 1, 1),
+        num_head_channels=64,
+        transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+        transformer_depth_output=[0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+        transformer_depth_middle=1,
+        context_dim=1024,
+        use_linear_in_transformer=True,
+    ),
+    # SDXL: width 320, context 2048, ADM 2816, linear proj_in and transformer depths [0, 0, 2, 2, 10, 10]
+    # per input res block (one level of six res blocks here); output depths are free
+    "sdxl": dict(
+        num_res_blocks=6,
+        channel_mult=(1,),
+        num_head_channels=64,
+        transformer_depth=[0, 0, 2, 2, 10, 10],
+        transformer_depth_output=[0, 0, 0, 0, 1, 1, 1],
+        transformer_depth_middle=-2,
+        context_dim=2048,
+        use_linear_in_transformer=True,
+        adm_in_channels=2816,
+        num_classes="sequential",
+    ),
+}
+V_PRED_MARK = "output_blocks.11.1.transformer_blocks.0.norm1.bias"  # SD20.model_type reads its spread
 
-    ComfyUI's model detection only pins model_channels=320, context_dim=768, conv proj_in and no
-    ADM, so one level with one res block, one transformer and no middle block loads as SD15.
-    Deterministic for a given `seed`. Needs `setup_inprocess` first.
-    """
+
+def _text_encoder(config_file: Path, generator, keep_projection: bool) -> dict[str, Any]:
+    """A randomly filled ComfyUI CLIPTextModel of a fixed config: its state dict (text_model.*, and
+    text_projection.weight when `keep_projection`)."""
     import json as _json
 
+    import comfy.clip_model
+    import comfy.ops
+    import torch
+
+    config = _json.loads(config_file.read_text())
+    model = comfy.clip_model.CLIPTextModel(
+        config, dtype=torch.float32, device="cpu", operations=comfy.ops.disable_weight_init
+    )
+    _fill_(list(model.named_parameters()) + list(model.named_buffers()), generator)
+    keep = ("text_model.", "text_projection.") if keep_projection else ("text_model.",)
+    out = {k: v.to(torch.float16) for k, v in model.state_dict().items() if k.startswith(keep)}
+    del model
+    return out
+
+
+def build_tiny_checkpoint(path: Path, seed: int = 0, family: str = "sd15") -> Path:
+    """Write a random checkpoint that ComfyUI detects as `family` (sd15, sd2v or sdxl), fp16, with TAESD
+    as the VAE and the family's full-size text encoders (ComfyUI builds them from fixed configs):
+
+    - sd15: a 1-level UNet and CLIP-L (~276 MiB);
+    - sd2v: SD2's 4-level block layout at width 320 and OpenCLIP-H, detected as v-prediction (~0.9 GiB);
+    - sdxl: a 1-level UNet with SDXL's transformer depths and ADM input, CLIP-L and OpenCLIP-bigG (~1.8 GiB).
+
+    Deterministic for a given `seed`. Needs `setup_inprocess` first.
+    """
     import comfy.clip_model
     import comfy.ops
     import comfy.taesd.taesd
@@ -224,6 +289,8 @@ def build_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
     import torch
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
+    if family not in TINY_UNETS:
+        raise ValueError(f"family: {family!r}; use one of {sorted(TINY_UNETS)}")
     path = Path(path)
     if path.is_file():
         return path
@@ -236,42 +303,52 @@ def build_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
         in_channels=4,
         model_channels=320,
         out_channels=4,
-        num_res_blocks=1,
-        channel_mult=(1,),
-        num_heads=8,
         use_spatial_transformer=True,
-        transformer_depth=[1],
-        transformer_depth_output=[1, 1],
-        transformer_depth_middle=-2,
-        context_dim=768,
-        use_linear_in_transformer=False,
         legacy=False,
         operations=ops,
+        **TINY_UNETS[family],
     )
     _fill_(list(unet.named_parameters()) + list(unet.named_buffers()), gen)
-    out.update({f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()})
+    if family == "sd2v":
+        mark = unet.get_parameter(V_PRED_MARK)
+        with torch.no_grad():
+            mark.copy_(0.2 * torch.randn(mark.shape, generator=gen))
+    out.update({f"model.diffusion_model.{k}": v.to(torch.float16) for k, v in unet.state_dict().items()})
     del unet
 
     vae = comfy.taesd.taesd.TAESD()
     _fill_(list(vae.named_parameters()) + list(vae.named_buffers()), gen)
-    out.update({f"first_stage_model.{k}": v for k, v in vae.state_dict().items()})
+    out.update({f"first_stage_model.{k}": v.to(torch.float16) for k, v in vae.state_dict().items()})
     del vae
 
-    cfg_file = Path(comfy.clip_model.__file__).parent / "sd1_clip_config.json"
-    config = _json.loads(cfg_file.read_text())
-    clip = comfy.clip_model.CLIPTextModel(config, dtype=torch.float32, device="cpu", operations=ops)
-    _fill_(list(clip.named_parameters()) + list(clip.named_buffers()), gen)
-    out.update(
-        {f"cond_stage_model.transformer.{k}": v for k, v in clip.state_dict().items() if k.startswith("text_model.")}
-    )
-    del clip
-
-    out = {k: v.to(torch.float16).contiguous() for k, v in out.items()}
+    configs = Path(comfy.clip_model.__file__).parent
+    if family == "sd15":
+        clip_l = _text_encoder(configs / "sd1_clip_config.json", gen, keep_projection=False)
+        out.update({f"cond_stage_model.transformer.{k}": v for k, v in clip_l.items()})
+    elif family == "sd2v":
+        clip_h = _text_encoder(configs / "text_encoders" / "sd2_clip_config.json", gen, keep_projection=True)
+        out.update({f"cond_stage_model.model.transformer.{k}": v for k, v in clip_h.items()})
+    else:
+        clip_l = _text_encoder(configs / "sd1_clip_config.json", gen, keep_projection=False)
+        out.update({f"conditioner.embedders.0.transformer.{k}": v for k, v in clip_l.items()})
+        del clip_l
+        clip_g = _text_encoder(configs / "clip_config_bigg.json", gen, keep_projection=True)
+        out.update({f"conditioner.embedders.1.model.transformer.{k}": v for k, v in clip_g.items()})
+    out = {k: v.contiguous() for k, v in out.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
     safetensors.torch.save_file(out, str(tmp))
     os.replace(tmp, path)
     return path
+
+
+def cache_dir() -> Path:
+    """Where test checkpoints are cached between runs: ``$SEQLORA_TEST_CACHE``, else
+    ``~/.cache/seqlora/tests`` (``$XDG_CACHE_HOME`` respected)."""
+    base = os.environ.get("SEQLORA_TEST_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "seqlora", "tests"
+    )
+    return Path(base)
 
 
 def make_images(
