@@ -183,7 +183,7 @@ class SeqLoRATrainConcept:
         restarted = autosave.drop_stale()
         if restarted:
             log.warning("SeqLoRA: %s", restarted)
-            send_status(unique_id, restarted)
+            send_status(unique_id, restarted, "notice")
             notes.append(restarted)
         start = ConceptBank(specs, "ldm", arch) if bank is None else bank
         start = with_structure(start, base)

@@ -26,7 +26,7 @@ from .comfy_loss import DenoiseData, make_batches, make_loss
 from .train_inputs import TrainRequest
 
 LOSS_EVENT = "seqlora.loss"
-STATUS_EVENT = "seqlora.status"  # {node, text}: a line the Train node's chart shows (phases, notices)
+STATUS_EVENT = "seqlora.status"  # {node, text, kind}: a line the Train node's chart shows (phase or notice)
 CHART_EVERY_S = 0.2  # at most this often a loss point goes to the frontend (plus the first and last steps)
 TRAINABLE = (SD15, SD2, SD2V, SDXL)
 SUPPORTED_TEXT = "SD1.x, SD2.x (512 and 768-v) and SDXL"
@@ -54,9 +54,10 @@ def send_event(event: str, data: dict[str, Any]) -> None:
         srv.send_sync(event, data, getattr(srv, "client_id", None))
 
 
-def send_status(node_id: str | None, text: str) -> None:
-    """A status line for the Train node's chart (what it is doing, or a notice)."""
-    send_event(STATUS_EVENT, {"node": node_id, "text": text})
+def send_status(node_id: str | None, text: str, kind: str = "phase") -> None:
+    """A line for the Train node's chart: a "phase" (what it is doing; the first loss point clears it) or a
+    "notice" that stays (e.g. that changed settings restart a cancelled training)."""
+    send_event(STATUS_EVENT, {"node": node_id, "text": text, "kind": kind})
 
 
 # --------------------------------------------------------------------------- which models

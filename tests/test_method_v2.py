@@ -8,11 +8,11 @@ import math
 
 import pytest
 import torch
+
+from seqlora_core import TrainConfig, build_report, train_concept
 from seqlora_core.method.interference import energy, forgetting_bound
 from seqlora_core.method.stats import Sketch, sketch_moment
 from seqlora_core.toy.linear_world import LinearWorld
-
-from seqlora_core import TrainConfig, build_report, train_concept
 from tests._unet import ToyConcept, denoise_loss, tiny_unet
 
 

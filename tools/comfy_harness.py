@@ -229,7 +229,7 @@ TINY_UNETS: dict[str, dict[str, Any]] = {
         channel_mult=(1, 1, 1, 1),
         num_head_channels=64,
         transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
-        transformer_depth_output=[0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+        transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],  # shallow level first, as detected
         transformer_depth_middle=1,
         context_dim=1024,
         use_linear_in_transformer=True,
@@ -970,3 +970,163 @@ class UIGraph:
             "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}},
             "version": 0.4,
         }
+
+
+# --------------------------------------------------------------------------- headless Chromium
+
+
+def chromium() -> str | None:
+    """The headless Chromium (or Chrome) executable on PATH, or None."""
+    import shutil
+
+    return next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+
+
+class CDP:
+    """A minimal Chrome DevTools Protocol client over one page's websocket."""
+
+    def __init__(self, ws_url: str) -> None:
+        import websocket
+
+        self.ws = websocket.create_connection(ws_url, timeout=60, suppress_origin=True)
+        self.next_id = 0
+        self.events: list[dict[str, Any]] = []
+
+    def call(self, method: str, **params: Any) -> dict[str, Any]:
+        self.next_id += 1
+        my_id = self.next_id
+        self.ws.send(json.dumps({"id": my_id, "method": method, "params": params}))
+        while True:
+            msg = json.loads(self.ws.recv())
+            if msg.get("id") == my_id:
+                if "error" in msg:
+                    raise RuntimeError(f"{method}: {msg['error']}")
+                return msg.get("result", {})
+            self.events.append(msg)
+
+    def js(self, expr: str) -> Any:
+        res = self.call("Runtime.evaluate", expression=expr, awaitPromise=True, returnByValue=True)
+        if "exceptionDetails" in res:
+            raise RuntimeError(f"{expr[:80]}...: {res['exceptionDetails']}")
+        return res["result"].get("value")
+
+    def wait_js(self, expr: str, timeout: float = 90.0) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                value = self.js(expr)
+            except RuntimeError:
+                value = None
+            if value:
+                return value
+            time.sleep(0.5)
+        raise TimeoutError(expr)
+
+    def problems(self) -> list[str]:
+        out = []
+        for e in self.events:
+            if e.get("method") == "Runtime.exceptionThrown":
+                out.append(json.dumps(e["params"]["exceptionDetails"])[:500])
+            elif e.get("method") == "Runtime.consoleAPICalled" and e["params"]["type"] == "error":
+                out.append(" ".join(str(a.get("value", a.get("description", ""))) for a in e["params"]["args"])[:500])
+        return out
+
+    def screenshot(self) -> bytes:
+        import base64
+
+        return base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"])
+
+
+@contextlib.contextmanager
+def comfy_page(server: ComfyServer, profile: Path, size: tuple[int, int] = (1600, 1000)):
+    """Headless Chromium on ComfyUI's web app with SeqLoRA's nodes registered: yields a `CDP` page whose
+    graph is empty, at offset 0 and scale 1. The browser is stopped by its PID afterwards."""
+    browser = chromium()
+    if browser is None:
+        raise RuntimeError("no headless Chromium installed (apt-get install chromium)")
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            browser,
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            f"--remote-debugging-port={port}",
+            f"--user-data-dir={profile}",
+            f"--window-size={size[0]},{size[1]}",
+            "about:blank",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        pages = None
+        for _ in range(120):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=2) as r:
+                    pages = [p for p in json.loads(r.read()) if p.get("type") == "page"]
+                if pages:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        if not pages:
+            raise RuntimeError("Chromium did not open a page")
+        cdp = CDP(pages[0]["webSocketDebuggerUrl"])
+        cdp.call("Runtime.enable")
+        cdp.call("Page.enable")
+        cdp.call("Page.navigate", url=server.url)
+        cdp.wait_js(
+            "!!(window.app && window.app.graph && window.LiteGraph && "
+            "LiteGraph.registered_node_types['SeqLoRATrainConcept'])",
+            timeout=180,
+        )
+        time.sleep(1.0)
+        for _ in range(3):  # close the first-run template browser, start from an empty graph
+            cdp.call("Input.dispatchKeyEvent", type="keyDown", key="Escape", code="Escape", windowsVirtualKeyCode=27)
+            cdp.call("Input.dispatchKeyEvent", type="keyUp", key="Escape", code="Escape", windowsVirtualKeyCode=27)
+        cdp.js(
+            "document.querySelectorAll('.p-dialog-close-button').forEach(b => b.click()); app.graph.clear(); "
+            "app.canvas.ds.offset = [0, 0]; app.canvas.ds.scale = 1; true"
+        )
+        yield cdp
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+# layout of a workflow in the real editor: every node's box as the frontend sizes it
+NODE_BOXES_JS = """(async (wf) => {
+    await app.loadGraphData(wf);
+    const title = LiteGraph.NODE_TITLE_HEIGHT || 30;
+    return app.graph._nodes.map((n) => {
+        const need = n.computeSize ? n.computeSize() : n.size;
+        return {id: n.id, type: n.type, x: n.pos[0], y: n.pos[1] - title, w: n.size[0], h: n.size[1] + title,
+                body_h: n.size[1], need_w: need[0], need_h: need[1]};
+    });
+})"""
+
+
+def node_boxes(cdp: CDP, workflow: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Every node of `workflow` as the editor lays it out: its box (title bar included: x, y, w, h), its
+    body's height and the size its widgets need (``computeSize``: need_w, need_h)."""
+    return cdp.js(f"{NODE_BOXES_JS}({json.dumps(workflow)})")
+
+
+def overlaps(boxes: list[Mapping[str, Any]], margin: float = 0.0) -> list[tuple[int, int]]:
+    """Pairs of node ids whose boxes intersect (after growing each by `margin`)."""
+    out = []
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1 :]:
+            if (
+                a["x"] - margin < b["x"] + b["w"]
+                and b["x"] - margin < a["x"] + a["w"]
+                and a["y"] - margin < b["y"] + b["h"]
+                and b["y"] - margin < a["y"] + a["h"]
+            ):
+                out.append((a["id"], b["id"]))
+    return out
