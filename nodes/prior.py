@@ -2,7 +2,7 @@
 
 What every concept of a bank must leave alone is how the base model behaves on prompts without any
 trigger. The Train node measures it once per bank, when the bank has no prior yet: the base model
-generates a handful of images at the training resolution with ComfyUI's own sampler, from generic prompts
+generates a handful of images at the training resolution with ComfyUI's own sampler, from a generic prompt
 (plus an optional class prompt such as "a photo of a dog"), with the empty prompt as the negative, so
 classifier-free guidance runs the empty prompt at every step too. The inputs of the adapted layers are
 recorded during those passes, over the noise levels of the sampling trajectory, and become the bank's
@@ -23,7 +23,8 @@ from ..seqlora_core.method.bank import ConceptBank
 from ..seqlora_core.method.stats import MomentRecorder, Sketch, sketch_moment
 from ..seqlora_core.method.targets import LayerSpec
 
-GENERIC_PROMPTS = ("a photo", "a detailed picture of a scene")
+GENERIC_PROMPTS = ("a photo",)
+IMAGES_PER_PROMPT = 2  # generated together as one batch, from different noise
 PRIOR_STEPS = 4  # sampler steps per image: the trajectory's noise levels, not a finished picture, matter
 PRIOR_CFG = 5.0
 PRIOR_SAMPLER = "euler"
@@ -42,6 +43,7 @@ def prior_settings(class_prompt: str = "") -> dict:
     return {
         "version": PRIOR_VERSION,
         "prompts": prior_prompts(class_prompt),
+        "images_per_prompt": IMAGES_PER_PROMPT,
         "negative": "",
         "steps": PRIOR_STEPS,
         "cfg": PRIOR_CFG,
@@ -60,7 +62,7 @@ def generate_prior(
     sketch_energy: float = 0.99,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Sketch]:
-    """Sketches of the adapted layers' inputs while ``base`` generates one image per prompt.
+    """Sketches of the adapted layers' inputs while ``base`` generates ``IMAGES_PER_PROMPT`` images per prompt.
 
     ``encode(text)`` is ComfyUI's conditioning of a text; ``latent_shape`` (C, h, w) that of the training
     latents. Progress goes to ComfyUI's progress bar (and ``on_progress(done, total)``), which also
@@ -78,7 +80,7 @@ def generate_prior(
                 if on_progress is not None:
                     on_progress(done + step + 1, total)
 
-            latent = torch.zeros(1, *latent_shape)
+            latent = torch.zeros(IMAGES_PER_PROMPT, *latent_shape)
             noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(int(seed) + i))
             comfy.sample.sample(
                 base,

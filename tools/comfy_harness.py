@@ -101,8 +101,9 @@ def test_threads() -> int:
 _INPROCESS: dict[str, Any] = {}
 
 
-def setup_inprocess(models_root: Path | None = None) -> Path:
-    """Import ComfyUI into this interpreter on CPU, with model folders under `models_root`.
+def setup_inprocess(models_root: Path | None = None, cpu: bool = True) -> Path:
+    """Import ComfyUI into this interpreter (on CPU unless `cpu` is False), with model folders under
+    `models_root`.
 
     Idempotent. ``args.cpu`` is set before ``comfy.model_management`` is imported, because with a
     CUDA build of torch that import otherwise looks for a GPU.
@@ -117,10 +118,11 @@ def setup_inprocess(models_root: Path | None = None) -> Path:
     _assert_module_origin("comfy", path)
     from comfy.cli_args import args
 
-    args.cpu = True
+    args.cpu = cpu
     import torch
 
-    torch.set_num_threads(test_threads())
+    if cpu:
+        torch.set_num_threads(test_threads())
     args.disable_metadata = False
     import comfy.model_management  # noqa: F401  (must come after args.cpu)
     import comfy.utils  # noqa: F401
@@ -234,6 +236,17 @@ TINY_UNETS: dict[str, dict[str, Any]] = {
         context_dim=1024,
         use_linear_in_transformer=True,
     ),
+    # the real SD1.5 UNet (859 M parameters): for timings that mean something on a GPU
+    "sd15_full": dict(
+        num_res_blocks=2,
+        channel_mult=(1, 2, 4, 4),
+        num_heads=8,
+        transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+        transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+        transformer_depth_middle=1,
+        context_dim=768,
+        use_linear_in_transformer=False,
+    ),
     # SDXL: width 320, context 2048, ADM 2816, linear proj_in and transformer depths [0, 0, 2, 2, 10, 10]
     # per input res block (one level of six res blocks here); output depths are free
     "sdxl": dict(
@@ -276,7 +289,7 @@ def build_tiny_checkpoint(path: Path, seed: int = 0, family: str = "sd15") -> Pa
     """Write a random checkpoint that ComfyUI detects as `family` (sd15, sd2v or sdxl), fp16, with TAESD
     as the VAE and the family's full-size text encoders (ComfyUI builds them from fixed configs):
 
-    - sd15: a 1-level UNet and CLIP-L (~276 MiB);
+    - sd15: a 1-level UNet and CLIP-L (~276 MiB); sd15_full: the real SD1.5 UNet and CLIP-L (~1.9 GiB);
     - sd2v: SD2's 4-level block layout at width 320 and OpenCLIP-H, detected as v-prediction (~0.9 GiB);
     - sdxl: a 1-level UNet with SDXL's transformer depths and ADM input, CLIP-L and OpenCLIP-bigG (~1.8 GiB).
 
@@ -322,7 +335,7 @@ def build_tiny_checkpoint(path: Path, seed: int = 0, family: str = "sd15") -> Pa
     del vae
 
     configs = Path(comfy.clip_model.__file__).parent
-    if family == "sd15":
+    if family in ("sd15", "sd15_full"):
         clip_l = _text_encoder(configs / "sd1_clip_config.json", gen, keep_projection=False)
         out.update({f"cond_stage_model.transformer.{k}": v for k, v in clip_l.items()})
     elif family == "sd2v":

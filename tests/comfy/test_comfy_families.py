@@ -28,10 +28,19 @@ def family_checkpoints(comfyui) -> dict[str, Path]:
     return {family: _checkpoint(family) for family in CHECKPOINTS}
 
 
+# In process, the text encoders keep 3 of their layers (the rest of the file is ignored): CLIP-bigG and
+# OpenCLIP-H in full take minutes per prompt on a CPU, and these tests check the UNet side. The workflows
+# below load the whole checkpoint as ComfyUI's own loader does.
+SMALL_TEXT = {f"clip_{x}_model_config": {"num_hidden_layers": 3} for x in ("l", "g", "h")}
+
+
 def _load(path: Path):
     import comfy.sd
 
-    return comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)[:3]
+    out = comfy.sd.load_checkpoint_guess_config(
+        str(path), output_vae=True, output_clip=True, te_model_options=SMALL_TEXT
+    )
+    return out[:3]
 
 
 def _train(pack, loaded, images: torch.Tensor, name: str, steps: int = 3, bank=None, **kw) -> dict[str, Any]:
@@ -255,7 +264,6 @@ def _workflow(checkpoint: str, folder: str, name: str) -> dict[str, Any]:
                 "seed": 0,
                 "batch_size": 1,
                 "caption_template": "a photo of {trigger}",
-                "class_prompt": "a photo of a thing",
             },
         },
         "4": {
@@ -263,14 +271,13 @@ def _workflow(checkpoint: str, folder: str, name: str) -> dict[str, Any]:
             "inputs": {"bank": ["3", 0], "concept_name": "", "filename": name, "dtype": "fp16", "overwrite": True},
         },
         "5": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": f"a photo of zq {name}"}},
-        "6": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
         "7": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
         "8": {
             "class_type": "KSampler",
             "inputs": {
                 "model": ["3", 1],
                 "positive": ["5", 0],
-                "negative": ["6", 0],
+                "negative": ["5", 0],
                 "latent_image": ["7", 0],
                 "seed": 0,
                 "steps": 2,
