@@ -25,6 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,10 +85,12 @@ def run(
     threads: int | None,
     family: str = "sd15",
     device: str = "cpu",
+    after: Callable[[dict], None] | None = None,
 ) -> dict:
-    """Both trainers side by side; their files live in a temp folder that is always removed."""
+    """Both trainers side by side; their files live in a temp folder that is always removed. ``after(context)``
+    (model, clip, vae, images, bank, pack, tmp) runs before that, for checks of what was trained."""
     with tempfile.TemporaryDirectory(prefix="seqlora-bench-") as tmp:
-        return _run_in(Path(tmp), checkpoint, steps, rank, px, threads, family, device)
+        return _run_in(Path(tmp), checkpoint, steps, rank, px, threads, family, device, after)
 
 
 def _comfy_trainer(nt, model, vae, clip, images, steps: int, rank: int, dtype: str) -> dict:
@@ -152,6 +155,7 @@ def _run_in(
     threads: int | None,
     family: str,
     device: str,
+    after: Callable[[dict], None] | None = None,
 ) -> dict:
     import torch
 
@@ -222,6 +226,8 @@ def _run_in(
                 "timings": {k: round(v, 3) for k, v in c.timings.items()},
                 "loss_last": c.loss_curve[-1],
             }
+        if after is not None:
+            after({"model": model, "clip": clip, "vae": vae, "images": images, "bank": bank, "pack": pack, "tmp": tmp})
     return results
 
 

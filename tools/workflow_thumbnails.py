@@ -49,6 +49,8 @@ def fit_and_shoot(cdp, boxes: list[dict]) -> bytes:
     scale = min((rect[2] - 2 * MARGIN) / (x1 - x0), (rect[3] - 2 * MARGIN) / (y1 - y0))
     cdp.js(
         f"app.canvas.ds.scale = {scale}; app.canvas.ds.offset = [{MARGIN / scale - x0}, {MARGIN / scale - y0}];"
+        "app.canvas.show_info = false; app.canvas.render_info = false;"  # no frame-rate overlay
+        "app.canvas.low_quality_zoom_threshold = 0; app.canvas.low_quality_threshold = 0;"  # draw titles and widgets
         "app.graph.setDirtyCanvas(true, true); true"
     )
     time.sleep(1.0)
@@ -66,7 +68,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp, ComfyServer(Path(tmp)) as server:
         (server.models / "checkpoints" / SD15_CHECKPOINT).write_bytes(b"")
         (server.models / "seqlora" / "my_concepts.safetensors").write_bytes(b"")
-        with comfy_page(server, Path(tmp) / "chromium", size=(1800, 1200)) as cdp:
+        with comfy_page(server, Path(tmp) / "chromium", size=(2400, 2600)) as cdp:
             for path in sorted(source.glob("*.json")):
                 boxes = node_boxes(cdp, json.loads(path.read_text()))
                 problems = layout_problems(boxes)

@@ -43,6 +43,25 @@ def _load(path: Path):
     return out[:3]
 
 
+# The layers trained here: the 320-wide attention projections of each first transformer block. The full
+# "attn" preset adds the cross-attention keys and values, whose inputs are the text features (2048 wide for
+# SDXL, 1024 for SD2); the basis initialisation costs O(n^3) in float64 per layer, which is minutes per
+# such layer on a shared CPU. A bank that names its layers is how a Train node is told which to train.
+LAYERS = (
+    "*.transformer_blocks.0.attn1.to_q",
+    "*.transformer_blocks.0.attn1.to_out.0",
+    "*.transformer_blocks.0.attn2.to_q",
+)
+
+
+def _layer_bank(model, arch: str):
+    """An empty bank (no concepts, no prior yet) over `LAYERS` of `model`."""
+    from seqlora_core.method.bank import ConceptBank
+    from seqlora_core.method.targets import find_targets
+
+    return ConceptBank(find_targets(model.model.diffusion_model, LAYERS), "ldm", arch)
+
+
 def _train(pack, loaded, images: torch.Tensor, name: str, steps: int = 3, bank=None, **kw) -> dict[str, Any]:
     model, clip, vae = loaded
     with torch.inference_mode():
@@ -123,7 +142,7 @@ def test_sdxl_trains_with_its_size_conditioning_at_any_image_size(pack, family_c
     model, clip, vae = loaded
     assert type(model.model.model_config).__name__ == "SDXL"
     images = _images(2, 96, 64, seed=3)
-    out = _train(pack, loaded, images, "xl_thing", class_prompt="a photo of a thing")
+    out = _train(pack, loaded, images, "xl_thing", bank=_layer_bank(model, "sdxl"), class_prompt="a photo of a thing")
     bank, _, loss = out["result"]
     assert bank.architecture == "sdxl" and bank.names() == ["xl_thing"]
     assert len(loss["loss"]) == 3 and all(math.isfinite(v) for v in loss["loss"])
@@ -188,7 +207,9 @@ def test_the_loss_is_the_models_own_parametrisation(pack, family_checkpoints, ti
 def test_sd2v_trains_and_exports_sd_scripts_names(pack, family_checkpoints) -> None:
     loaded = _load(family_checkpoints["sd2v"])
     assert loaded[0].model.model_type.name == "V_PREDICTION"
-    bank, _, loss = _train(pack, loaded, _images(2, 64, 64, seed=7), "v_thing")["result"]
+    bank, _, loss = _train(pack, loaded, _images(2, 64, 64, seed=7), "v_thing", bank=_layer_bank(loaded[0], "sd2v"))[
+        "result"
+    ]
     assert bank.architecture == "sd2v" and all(math.isfinite(v) for v in loss["loss"])
     got = _stock_loads_every_key(pack, bank, "v_thing", loaded, "v_thing")
     assert all(
@@ -240,10 +261,12 @@ def test_models_it_cannot_train_get_a_message_naming_what_it_trains(pack, comfyu
 # --------------------------------------------------------------------------- through workflows
 
 
-def _workflow(checkpoint: str, folder: str, name: str) -> dict[str, Any]:
-    """Checkpoint -> image folder -> train -> export, and the trained model sampled and saved."""
+def _workflow(checkpoint: str, folder: str, name: str, layers: str) -> dict[str, Any]:
+    """Checkpoint -> image folder -> train (on the layers of bank file `layers`) -> export, and the trained
+    model sampled and saved."""
     return {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
+        "11": {"class_type": "SeqLoRALoadBank", "inputs": {"bank_file": layers}},
         "2": {"class_type": "SeqLoRAImageFolder", "inputs": {"folder": folder, "resolution": 64}},
         "3": {
             "class_type": TRAIN,
@@ -253,6 +276,7 @@ def _workflow(checkpoint: str, folder: str, name: str) -> dict[str, Any]:
                 "vae": ["1", 2],
                 "images": ["2", 0],
                 "captions": ["2", 1],
+                "bank": ["11", 0],
                 "concept_name": name,
                 "trigger_words": f"zq {name}",
                 "method": "seqlora",
@@ -336,7 +360,9 @@ def test_a_workflow_trains_the_family_and_the_stock_loader_takes_the_export(comf
     if not link.exists():
         link.symlink_to(family_checkpoints[family])
     make_images(comfy_server.input_dir / "seqlora" / name, 2, size=64, seed=17, color=(200, 120, 10))
-    entry = comfy_server.run(_workflow(CHECKPOINTS[family], f"seqlora/{name}", name), timeout=1800)
+    layers = f"{family}_layers.safetensors"
+    _layer_bank(_load(family_checkpoints[family])[0], family).save(comfy_server.models / "seqlora" / layers)
+    entry = comfy_server.run(_workflow(CHECKPOINTS[family], f"seqlora/{name}", name, layers), timeout=1800)
     assert entry["status"]["status_str"] == "success", history_error(entry)
     assert entry["outputs"]["10"]["images"], "the trained model sampled an image"
     lora = comfy_server.models / "loras" / f"{name}.safetensors"

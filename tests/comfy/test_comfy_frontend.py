@@ -134,3 +134,51 @@ def test_executed_messages_fill_the_linked_list_and_the_text(page) -> None:
     assert out["rows"] == 2
     assert out["text"].startswith("2 concepts")
     assert out["values"] == [0.05]
+
+
+@pytest.mark.parametrize(
+    "name", ["seqlora_train_three_concepts", "seqlora_compose_regions", "seqlora_add_concept_to_bank"]
+)
+def test_workflow_layout_shows_every_node_and_chart_whole(page, comfy_server, name) -> None:
+    """In the real editor no node overlaps another (a Train node's loss chart is drawn at its bottom, so an
+    overlap hides it) and every node is as large as its widgets and chart need."""
+    from comfy_harness import REPO_ROOT, load_workflow, node_boxes, overlaps
+
+    cdp, _ = page
+    boxes = node_boxes(cdp, load_workflow(REPO_ROOT / "workflows" / f"{name}.json"))
+    assert overlaps(boxes) == []
+    short = [b for b in boxes if b["need_w"] > b["w"] + 1 or b["need_h"] > b["body_h"] + 1]
+    assert short == [], short
+    trains = [b for b in boxes if b["type"] == "SeqLoRATrainConcept"]
+    assert trains and all(b["need_h"] >= 130 for b in trains), "the chart is part of the Train node's size"
+
+
+def test_every_template_has_a_thumbnail_the_browser_can_show(page, comfy_server) -> None:
+    cdp, _ = page
+    names = sorted(set(comfy_server.get("/workflow_templates")["seqlora"]))
+    assert names == ["seqlora_add_concept_to_bank", "seqlora_compose_regions", "seqlora_train_three_concepts"]
+    sizes = cdp.js(f"""(async () => {{
+        const out = [];
+        for (const n of {json.dumps(names)}) {{
+            const img = new Image(); img.src = `/api/workflow_templates/seqlora/${{n}}.jpg`;
+            await img.decode(); out.push([img.naturalWidth, img.naturalHeight]);
+        }}
+        return out;
+    }})()""")
+    assert all(w >= 320 and h >= 160 for w, h in sizes), sizes
+
+
+def test_status_notices_show_on_the_train_node(page) -> None:
+    cdp, _ = page
+    out = cdp.js("""(() => {
+        const n = LiteGraph.createNode('SeqLoRATrainConcept'); app.graph.add(n);
+        const api = window.comfyAPI?.api?.api;
+        api.dispatchCustomEvent('seqlora.status', {node: String(n.id), text: 'measuring the base model', kind: 'phase'});
+        const phase = n.__seqloraLoss.note;
+        api.dispatchCustomEvent('seqlora.loss', {node: String(n.id), step: 1, total: 2, loss: 1.0});
+        const cleared = n.__seqloraLoss.note;
+        n.onExecuted({text: ['dog: the inputs or settings changed ...; training restarts from step 1']});
+        return {phase, cleared, notice: n.__seqloraLoss.note};
+    })()""")
+    assert out["phase"] == "measuring the base model" and out["cleared"] == ""
+    assert "restarts from step 1" in out["notice"]
