@@ -173,7 +173,8 @@ def test_status_notices_show_on_the_train_node(page) -> None:
     out = cdp.js("""(() => {
         const n = LiteGraph.createNode('SeqLoRATrainConcept'); app.graph.add(n);
         const api = window.comfyAPI?.api?.api;
-        api.dispatchCustomEvent('seqlora.status', {node: String(n.id), text: 'measuring the base model', kind: 'phase'});
+        const ev = {node: String(n.id), text: 'measuring the base model', kind: 'phase'};
+        api.dispatchCustomEvent('seqlora.status', ev);
         const phase = n.__seqloraLoss.note;
         api.dispatchCustomEvent('seqlora.loss', {node: String(n.id), step: 1, total: 2, loss: 1.0});
         const cleared = n.__seqloraLoss.note;
