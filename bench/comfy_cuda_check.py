@@ -13,6 +13,8 @@ totals of both (``bench/comfy_trainer_ratio.py`` does the timing); then checks w
 
     COMFYUI_PATH=/path/to/ComfyUI python3 bench/comfy_cuda_check.py [--px 512] [--steps 60] [--json out.json]
 
+A smoke run of the script itself on a CPU: ``--device cpu --family sd15 --px 64 --steps 4``.
+
 Exit status: 0 all checks passed, 1 a check failed, 3 something it needs is missing (named, with the fix).
 """
 
@@ -31,34 +33,26 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-# import name -> pip name: what ComfyUI's in-process import (comfy.sd, comfy.sample, nodes, comfy_extras.
-# nodes_train, server) and this pack need besides the standard library
+# import name -> pip name: what ComfyUI 0.3.64's in-process import (comfy.sd, comfy.sample, comfy.lora, nodes,
+# comfy_extras.nodes_train) and this pack need. Checked in a fresh venv: with only torch, transformers,
+# safetensors, numpy, pillow, tqdm, psutil, pyyaml, einops, scipy and aiohttp, the import still lacks
+# torchvision, torchsde (which brings trampoline) and av.
 NEEDED = {
     "torch": "torch",
     "torchvision": "torchvision (the build matching torch)",
     "torchsde": "torchsde",
+    "trampoline": "trampoline",
+    "av": "av",
     "safetensors": "safetensors",
     "numpy": "numpy",
     "PIL": "pillow",
     "transformers": "transformers",
-    "tokenizers": "tokenizers",
-    "sentencepiece": "sentencepiece",
     "einops": "einops",
     "scipy": "scipy",
     "tqdm": "tqdm",
     "psutil": "psutil",
     "yaml": "pyyaml",
     "aiohttp": "aiohttp",
-    "av": "av",
-    "kornia": "kornia",
-    "spandrel": "spandrel",
-    "pydantic": "pydantic",
-    "alembic": "alembic",
-    "sqlalchemy": "sqlalchemy",
-    "comfyui_frontend_package": "comfyui-frontend-package",
-    "comfyui_workflow_templates": "comfyui-workflow-templates",
-    "comfyui_embedded_docs": "comfyui-embedded-docs",
-    "requests": "requests",
 }
 
 
@@ -66,7 +60,7 @@ def missing_packages() -> list[str]:
     return [pip for mod, pip in NEEDED.items() if importlib.util.find_spec(mod) is None]
 
 
-def preflight(comfy_path: str | None) -> str | None:
+def preflight(comfy_path: str | None, device: str = "cuda") -> str | None:
     """Why this machine cannot run the check, or None."""
     gone = missing_packages()
     if gone:
@@ -80,7 +74,7 @@ def preflight(comfy_path: str | None) -> str | None:
         return f"{comfy_path}/custom_nodes is missing: create it (ComfyUI 0.3.64 needs it)"
     import torch
 
-    if not torch.cuda.is_available():
+    if device == "cuda" and not torch.cuda.is_available():
         return f"torch {torch.__version__} sees no CUDA device"
     return None
 
@@ -88,8 +82,9 @@ def preflight(comfy_path: str | None) -> str | None:
 def check_trained(ctx: dict, report: dict) -> None:
     """The checks of the module docstring on what `comfy_trainer_ratio` trained (runs inside its temp folder)."""
     import comfy.model_management as mm
-    import nodes as comfy_nodes
     import torch
+
+    import nodes as comfy_nodes
 
     pack, bank, model, clip = ctx["pack"], ctx["bank"], ctx["model"], ctx["clip"]
     found: dict[str, object] = {}
@@ -121,7 +116,9 @@ def check_trained(ctx: dict, report: dict) -> None:
         report["merged_error_relative"] = worst
         mm.load_models_gpu([model], force_full_load=True)
 
-        path = Path(pack.NODE_CLASS_MAPPINGS["SeqLoRAExportLoRA"]().run(bank, "second", "cuda_check", "fp16", True)["result"][0])
+        path = Path(
+            pack.NODE_CLASS_MAPPINGS["SeqLoRAExportLoRA"]().run(bank, "second", "cuda_check", "fp16", True)["result"][0]
+        )
         stock, _ = comfy_nodes.LoraLoader().load_lora(model, clip, path.name, 1.0, 0.0)
         found["stock_loader_takes_every_key"] = len(stock.patches) == len(bank.layers)
     report["checks"] = found
@@ -133,8 +130,10 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke run of this script")
+    ap.add_argument("--family", default="sd15_full", choices=["sd15_full", "sd15"], help="sd15: the tiny UNet")
     args = ap.parse_args()
-    why = preflight(os.environ.get("COMFYUI_PATH"))
+    why = preflight(os.environ.get("COMFYUI_PATH"), args.device)
     if why:
         print(f"comfy_cuda_check: cannot run: {why}", file=sys.stderr)
         return 3
@@ -143,7 +142,7 @@ def main() -> int:
     started = time.time()
     report: dict = {}
     res = bench.run(
-        None, args.steps, args.rank, args.px, None, "sd15_full", "cuda", lambda ctx: check_trained(ctx, report)
+        None, args.steps, args.rank, args.px, None, args.family, args.device, lambda ctx: check_trained(ctx, report)
     )
     rat = bench.ratios(res)
     print(f"{'trainer':<40} {'step (s)':>10} {'total (s)':>10}  ratio per step / total")
@@ -154,7 +153,9 @@ def main() -> int:
         print(line)
     for name, ok in report["checks"].items():
         print(f"{'PASS' if ok else 'FAIL'}  {name}")
-    print(f"merged weights vs W0 + sum s B A: worst error / (max |delta| + 2 ulp) = {report['merged_error_relative']:.3g}")
+    print(
+        f"merged weights vs W0 + sum s B A: worst error / (max |delta| + 2 ulp) = {report['merged_error_relative']:.3g}"
+    )
     if args.json:
         record = {
             "command": "python3 bench/comfy_cuda_check.py " + " ".join(sys.argv[1:]),

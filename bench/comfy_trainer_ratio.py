@@ -243,6 +243,27 @@ def ratios(res: dict) -> dict:
     }
 
 
+def table(files: list[Path]) -> str:
+    """The docs table of result files (one row per trainer and resolution)."""
+    rows = [
+        "| px | steps | trainer | step s | total s | ratio per step | ratio total | basis init s | stats s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for f in files:
+        rec = json.loads(Path(f).read_text())
+        px, steps = rec["settings"]["px"], rec["settings"]["steps"]
+        for name, r in rec["results"].items():
+            rat = rec["ratios"].get(name, {})
+            t = r.get("timings") or {}
+            stats = t.get("concept_stats_s", 0) + t.get("final_stats_s", 0) if t else None
+            rows.append(
+                f"| {px} | {steps} | {name} | {r['step_s']:.3f} | {r['total_s']:.1f} | "
+                + (f"{rat['per_step']:.2f} | {rat['total']:.2f} | " if rat else "1 | 1 | ")
+                + (f"{t.get('basis_init_s', 0):.1f} | {stats:.1f} |" if t else "- | - |")
+            )
+    return "\n".join(rows)
+
+
 def machine() -> dict:
     import torch
 
@@ -266,7 +287,16 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument(
+        "--table", type=Path, nargs="+", default=None, help="only write docs/benchmarks.md's table of these"
+    )
     args = ap.parse_args()
+    if args.table:
+        sys.path.insert(0, str(ROOT))
+        from _common import update_tables
+
+        update_tables("comfy_trainer_ratio", table(args.table))
+        return 0
     # SIGTERM unwinds like Ctrl-C, so the temp folder is removed then too
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if h.missing_requirements():
