@@ -1,25 +1,31 @@
-"""Step time of SeqLoRA's Train node against ComfyUI's own TrainLoraNode, side by side in one run.
+"""SeqLoRA's Train node against ComfyUI's own TrainLoraNode, side by side in one run: per step and in total.
 
-Same model, same latents and captions, same rank, same adapted layers (the attention projections:
-ComfyUI's trainer is limited to them for this comparison), batch 1, fp32, no gradient checkpointing,
-AdamW for ComfyUI's. The step time is the median gap between consecutive steps (setup, statistics
-passes and saving are not steps). Prints a table and the ratio ours / ComfyUI.
+Same model, same images (encoded by each trainer as it does), same rank, same adapted layers (the
+attention projections: every other layer is hidden from ComfyUI's trainer, which adapts all of them),
+batch 1, AdamW for ComfyUI's. "step" is the median gap between consecutive training steps; "total" is the
+node's whole run, everything it does before and after its steps included (encoding, statistics, the
+basis, saving). SeqLoRA trains two concepts: the first of a new bank (which also measures the base model's
+own generations, once per bank) and a second one on top of it (what every later concept costs).
 
-    COMFYUI_PATH=/path/to/ComfyUI python bench/comfy_trainer_ratio.py [--checkpoint FILE] [--steps 20]
+    COMFYUI_PATH=/path/to/ComfyUI python bench/comfy_trainer_ratio.py --px 64 --steps 100 \\
+        --json bench/results/comfy_trainer_ratio_64px.json
 
-Without --checkpoint it builds the tiny SD1.5-detected test checkpoint (random weights) in a temp folder.
-Everything it writes goes to that folder, which is removed at the end, also after an error, Ctrl-C or SIGTERM.
+Without --checkpoint it builds the tiny SD1.5-detected test checkpoint (random weights; ``--family
+sd15_full`` builds the real SD1.5 UNet shape). Everything it writes goes to a temp folder, removed at the
+end, also after an error, Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
 import signal
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +43,8 @@ TARGET_SUFFIXES = (
     "attn2.to_v",
     "attn2.to_out.0",
 )
+THEIRS = "comfyui_TrainLoraNode"
+OURS = ("seqlora_node[first concept, new bank]", "seqlora_node[second concept]")
 
 
 def median_gap(stamps: list[float], skip: int = 1) -> float:
@@ -69,152 +77,250 @@ class _OnlyTargets:
             m.__class__ = cls
 
 
-def run(checkpoint: Path | None, steps: int, rank: int, px: int, threads: int | None) -> dict:
-    """Both trainers side by side; their files live in a temp folder that is always removed."""
+def run(
+    checkpoint: Path | None,
+    steps: int,
+    rank: int,
+    px: int,
+    threads: int | None,
+    family: str = "sd15",
+    device: str = "cpu",
+    after: Callable[[dict], None] | None = None,
+) -> dict:
+    """Both trainers side by side; their files live in a temp folder that is always removed. ``after(context)``
+    (model, clip, vae, images, bank, pack, tmp) runs before that, for checks of what was trained."""
     with tempfile.TemporaryDirectory(prefix="seqlora-bench-") as tmp:
-        return _run_in(Path(tmp), checkpoint, steps, rank, px, threads)
+        return _run_in(Path(tmp), checkpoint, steps, rank, px, threads, family, device, after)
 
 
-def _run_in(tmp: Path, checkpoint: Path | None, steps: int, rank: int, px: int, threads: int | None) -> dict:
+def _comfy_trainer(nt, model, vae, clip, images, steps: int, rank: int, dtype: str) -> dict:
+    """ComfyUI's TrainLoraNode on the target layers: its step times and total."""
+    import time as _time
+
+    stamps: list[float] = []
+    orig_init = nt.TrainSampler.__init__
+
+    def init(self, loss_fn, optimizer, loss_callback=None, **kw):
+        def cb(loss):
+            stamps.append(_time.perf_counter())
+            if loss_callback:
+                loss_callback(loss)
+
+        orig_init(self, loss_fn, optimizer, loss_callback=cb, **kw)
+
+    nt.TrainSampler.__init__ = init
+    try:
+        with _OnlyTargets(model.model.diffusion_model) as hidden:
+            t0 = _time.perf_counter()
+            latents = {"samples": vae.encode(images[..., :3])}
+            positive = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of sks thing"))
+            out = nt.TrainLoraNode().train(
+                model,
+                latents,
+                positive,
+                1,
+                steps,
+                1,
+                1e-4,
+                rank,
+                "AdamW",
+                "MSE",
+                0,
+                dtype,
+                "fp32",
+                "LoRA",
+                False,
+                "[None]",
+            )
+            total = _time.perf_counter() - t0
+    finally:
+        nt.TrainSampler.__init__ = orig_init
+    lora = sorted({k.split(".lora")[0] for k in out[1] if ".lora" in k})
+    return {
+        "step_s": median_gap(stamps),
+        "total_s": total,
+        "steps": len(stamps),
+        "hidden_layers": len(hidden.swapped),
+        "layers": len(lora),
+        "loss_last": float(out[2]["loss"][-1]) if out[2]["loss"] else None,
+    }
+
+
+def _run_in(
+    tmp: Path,
+    checkpoint: Path | None,
+    steps: int,
+    rank: int,
+    px: int,
+    threads: int | None,
+    family: str,
+    device: str,
+    after: Callable[[dict], None] | None = None,
+) -> dict:
     import torch
 
     if threads:
         torch.set_num_threads(threads)
-    h.setup_inprocess(tmp / "models")
+    h.setup_inprocess(tmp / "models", cpu=device == "cpu")
     pack = h.load_pack()
     import comfy.model_management as mm
     import comfy.sd
     import comfy.utils
     import comfy_extras.nodes_train as nt
 
-    ckpt = checkpoint or h.build_tiny_checkpoint(tmp / "tiny.safetensors")
+    ckpt = checkpoint or h.build_tiny_checkpoint(tmp / f"{family}.safetensors", family=family)
     model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(ckpt), output_vae=True, output_clip=True)[:3]
     h.make_images(tmp / "models" / "input" / "bench", 4, size=px, seed=5, color=(200, 60, 20))
     nodes = pack.NODE_CLASS_MAPPINGS
     results: dict[str, dict] = {}
+    dtype = "fp32" if device == "cpu" else "bf16"
     with torch.inference_mode():
-        images, captions, _ = nodes["SeqLoRAImageFolder"]().run("bench", px)
-
-        # ---- ComfyUI's TrainLoraNode
-        latents = {"samples": vae.encode(images[..., :3])}
-        text = "a photo of sks thing"
-        positive = clip.encode_from_tokens_scheduled(clip.tokenize(text))
-        stamps: list[float] = []
-        orig_init = nt.TrainSampler.__init__
-
-        def init(self, loss_fn, optimizer, loss_callback=None, **kw):
-            def cb(loss):
-                stamps.append(time.perf_counter())
-                if loss_callback:
-                    loss_callback(loss)
-
-            orig_init(self, loss_fn, optimizer, loss_callback=cb, **kw)
-
-        nt.TrainSampler.__init__ = init
-        try:
-            with _OnlyTargets(model.model.diffusion_model) as hidden:
-                t0 = time.perf_counter()
-                out = nt.TrainLoraNode().train(
-                    model,
-                    latents,
-                    positive,
-                    1,
-                    steps,
-                    1,
-                    1e-4,
-                    rank,
-                    "AdamW",
-                    "MSE",
-                    0,
-                    "fp32",
-                    "fp32",
-                    "LoRA",
-                    False,
-                    "[None]",
-                )
-                total = time.perf_counter() - t0
-            lora = sorted({k.split(".lora")[0] for k in out[1] if ".lora" in k})
-            bias = sorted(k for k in out[1] if k.endswith(".diff_b"))
-            results["comfyui_TrainLoraNode"] = {
-                "step_s": median_gap(stamps),
-                "total_s": total,
-                "hidden_layers": len(hidden.swapped),
-                "layers": len(lora),
-                "bias_diffs": len(bias),
-                "keys": sorted(out[1])[:4],
-            }
-        finally:
-            nt.TrainSampler.__init__ = orig_init
+        images, captions, _ = nodes["SeqLoRAImageFolder"]().run("bench", px)["result"]
+        results[THEIRS] = _comfy_trainer(nt, model, vae, clip, images, steps, rank, dtype)
         mm.unload_all_models()
 
-        # ---- ours: seqlora (bilevel, constrained) and a plain lora in the same engine
-        for method, concept in (("lora", "plain"), ("seqlora", "first"), ("seqlora", "second")):
+        bank = None
+        for label, concept in zip(OURS, ("first", "second"), strict=True):
+            node_id = f"bench-{concept}"
             step_stamps: list[float] = []
 
-            def hook(value, total, preview, node_id=None, stamps=step_stamps):
-                stamps.append(time.perf_counter())
+            def hook(value, total, preview, node_id=None, stamps=step_stamps, mine=node_id):
+                if node_id == mine:  # training steps; the base model's generations have a bar of their own
+                    stamps.append(time.perf_counter())
 
             comfy.utils.set_progress_bar_global_hook(hook)
-            bank = results.get("_bank")
             t0 = time.perf_counter()
-            new_bank, _, _ = nodes["SeqLoRATrainConcept"]().run(
-                model,
-                clip,
-                vae,
-                images,
-                concept,
-                f"sks {concept}",
-                method,
-                rank,
-                steps,
-                1e-4,
-                0.05,
-                "attn",
-                0,
-                1,
-                "a photo of {trigger}",
-                bank if concept == "second" else None,
-                captions,
-                f"bench-{concept}",
-            )
+            try:
+                out = nodes["SeqLoRATrainConcept"]().run(
+                    model,
+                    clip,
+                    vae,
+                    images,
+                    concept,
+                    f"sks {concept}",
+                    "seqlora",
+                    rank,
+                    steps,
+                    1e-4,
+                    0.05,
+                    "attn",
+                    0,
+                    1,
+                    "a photo of {trigger}",
+                    bank,
+                    captions,
+                    unique_id=node_id,
+                )
+            finally:
+                comfy.utils.set_progress_bar_global_hook(None)
             total = time.perf_counter() - t0
-            comfy.utils.set_progress_bar_global_hook(None)
-            c = new_bank.concept(concept)
-            results[f"seqlora_node[{method}, {concept}]"] = {
+            bank = out["result"][0]
+            c = bank.concept(concept)
+            trainer_total = c.timings.get("total_s", float("nan"))
+            results[label] = {
                 "step_s": median_gap(step_stamps),
                 "total_s": total,
-                "layers": len(new_bank.layers),
+                "steps": len(step_stamps),
+                "layers": len(bank.layers),
+                "outside_trainer_s": total - trainer_total,
                 "timings": {k: round(v, 3) for k, v in c.timings.items()},
+                "loss_last": c.loss_curve[-1],
             }
-            if concept == "first":
-                results["_bank"] = new_bank
-        results.pop("_bank")
+        if after is not None:
+            after({"model": model, "clip": clip, "vae": vae, "images": images, "bank": bank, "pack": pack, "tmp": tmp})
     return results
+
+
+def ratios(res: dict) -> dict:
+    """Ours / ComfyUI's, per step and in total, for both of our concepts."""
+    theirs = res[THEIRS]
+    return {
+        label: {
+            "per_step": res[label]["step_s"] / theirs["step_s"],
+            "total": res[label]["total_s"] / theirs["total_s"],
+        }
+        for label in OURS
+    }
+
+
+def table(files: list[Path]) -> str:
+    """The docs table of result files (one row per trainer and resolution)."""
+    rows = [
+        "| px | steps | trainer | step s | total s | ratio per step | ratio total | basis init s | stats s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for f in files:
+        rec = json.loads(Path(f).read_text())
+        px, steps = rec["settings"]["px"], rec["settings"]["steps"]
+        for name, r in rec["results"].items():
+            rat = rec["ratios"].get(name, {})
+            t = r.get("timings") or {}
+            stats = t.get("concept_stats_s", 0) + t.get("final_stats_s", 0) if t else None
+            rows.append(
+                f"| {px} | {steps} | {name} | {r['step_s']:.3f} | {r['total_s']:.1f} | "
+                + (f"{rat['per_step']:.2f} | {rat['total']:.2f} | " if rat else "1 | 1 | ")
+                + (f"{t.get('basis_init_s', 0):.1f} | {stats:.1f} |" if t else "- | - |")
+            )
+    return "\n".join(rows)
+
+
+def machine() -> dict:
+    import torch
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu_count": __import__("os").cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--checkpoint", type=Path, default=None, help="an SD1.5 .safetensors (default: tiny random)")
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--checkpoint", type=Path, default=None, help="an SD1.x .safetensors (default: built at run time)")
+    ap.add_argument("--family", default="sd15", choices=["sd15", "sd15_full"], help="the random checkpoint to build")
+    ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--px", type=int, default=64, help="training image side in pixels")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument(
+        "--table", type=Path, nargs="+", default=None, help="only write docs/benchmarks.md's table of these"
+    )
     args = ap.parse_args()
+    if args.table:
+        sys.path.insert(0, str(ROOT))
+        from _common import update_tables
+
+        update_tables("comfy_trainer_ratio", table(args.table))
+        return 0
     # SIGTERM unwinds like Ctrl-C, so the temp folder is removed then too
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if h.missing_requirements():
         print(h.missing_requirements())
         return 2
-    res = run(args.checkpoint, args.steps, args.rank, args.px, args.threads)
-    theirs = res["comfyui_TrainLoraNode"]["step_s"]
-    print(f"{'trainer':<36} {'step (s)':>10} {'total (s)':>10}  ratio to ComfyUI")
+    started = time.time()
+    res = run(args.checkpoint, args.steps, args.rank, args.px, args.threads, args.family, args.device)
+    rat = ratios(res)
+    print(f"{'trainer':<40} {'step (s)':>10} {'total (s)':>10}  ratio per step / total")
     for name, r in res.items():
-        print(f"{name:<36} {r['step_s']:>10.4f} {r['total_s']:>10.2f}  {r['step_s'] / theirs:>6.3f}")
-    ours = res["seqlora_node[seqlora, second]"]["step_s"]
-    print(f"\nratio (SeqLoRA Train node, 2nd concept) / ComfyUI TrainLoraNode per step: {ours / theirs:.3f}")
+        line = f"{name:<40} {r['step_s']:>10.4f} {r['total_s']:>10.2f}"
+        if name in rat:
+            line += f"  {rat[name]['per_step']:>6.3f} / {rat[name]['total']:.3f}"
+        print(line)
     if args.json:
-        args.json.write_text(json.dumps(res, indent=1))
+        record = {
+            "command": "python bench/comfy_trainer_ratio.py " + " ".join(sys.argv[1:]),
+            "settings": vars(args) | {"json": str(args.json), "checkpoint": str(args.checkpoint)},
+            "machine": machine(),
+            "wall_s": time.time() - started,
+            "results": res,
+            "ratios": rat,
+        }
+        args.json.write_text(json.dumps(record, indent=1, default=str) + "\n")
     return 0
 
 

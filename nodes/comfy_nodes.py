@@ -6,10 +6,12 @@ names of ``diffusion_model``; a bank trained elsewhere with diffusers names is r
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +25,17 @@ from ..seqlora_core.apps.heatmap import heatmap_image
 from ..seqlora_core.data.captions import caption_line
 from ..seqlora_core.data.dataset import ConceptDataset
 from ..seqlora_core.interop.families import check_bank_fits, family_from_comfy
+from ..seqlora_core.interop.naming import STRUCTURE_META, structure_to_meta, unet_structure
 from ..seqlora_core.method.bank import ConceptBank
 from ..seqlora_core.method.report import build_report, report_text
-from ..seqlora_core.method.selection import enabled_strengths, parse_selection
+from ..seqlora_core.method.selection import check_strengths, enabled_strengths, parse_selection
 from ..seqlora_core.method.targets import find_targets
 from . import bankfiles, schema
 from .autosave import KEY_FIELD, Autosave, bank_digest, reusable_concept, training_key
 from .comfy_patches import apply_bypass, apply_merged, strip_concepts
+from .prior import generate_prior, prior_prompts, prior_settings, with_prior
 from .train_inputs import check_train_inputs
-from .training import encode_data, train_in_comfy
+from .training import TEXTS, encode_data, send_status, train_in_comfy, trainable_family
 
 log = logging.getLogger("seqlora")
 
@@ -84,6 +88,18 @@ def bank_for_model(bank: ConceptBank, model) -> ConceptBank:
     return bank
 
 
+def with_structure(bank: ConceptBank, model) -> ConceptBank:
+    """The bank with the UNet block structure of `model` in its meta (kept if there), so export can name
+    its layers in the convention of its family."""
+    if STRUCTURE_META in bank.meta:
+        return bank
+    try:
+        structure = unet_structure(model.model.model_config.unet_config)
+    except (TypeError, ValueError, KeyError):
+        return bank
+    return dataclasses.replace(bank, meta={**bank.meta, STRUCTURE_META: structure_to_meta(structure)})
+
+
 def _image_batch(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0)[None]
 
@@ -93,8 +109,8 @@ def _image_batch(img: Image.Image) -> torch.Tensor:
 
 @_configure(schema.TRAIN)
 class SeqLoRATrainConcept:
-    """Input checking (``train_inputs``), the autosave key and reuse (``autosave``), data preparation and
-    training (``training``): this class only puts them in order."""
+    """Input checking (``train_inputs``), the autosave key and reuse (``autosave``), the base model's prior
+    (``prior``), data preparation and training (``training``): this class only puts them in order."""
 
     def run(
         self,
@@ -115,10 +131,11 @@ class SeqLoRATrainConcept:
         caption_template: str,
         bank: ConceptBank | None = None,
         captions: str | None = None,
+        class_prompt: str = "",
         unique_id: str | None = None,
     ):
         base, removed = strip_concepts(model)
-        arch = architecture(base)
+        arch, weighting = trainable_family(base)
         n_images = 0 if images is None else int(images.shape[0])
         request = check_train_inputs(
             n_images,
@@ -142,38 +159,68 @@ class SeqLoRATrainConcept:
                 "left out (connect their bank to keep them)",
                 removed,
             )
-        if getattr(base.model, "adm_channels", 0):
-            raise ValueError(
-                f"model: training inside ComfyUI supports SD1.x/SD2.x UNets; this {arch} model needs "
-                "extra conditioning (ADM). Train it with the command line; its bank loads here."
-            )
         if bank is not None:
             bank = bank_for_model(bank, base)
 
         mm.load_models_gpu([base], force_full_load=True)
         diffusion = base.model.diffusion_model
         specs = bank.layers if bank is not None else find_targets(diffusion, target_preset)
-        key = training_key(request, images, diffusion, specs, bank)
+        new_prior = bank is None or not bank.prior
+        extra = {"weighting": weighting, "prior": prior_settings(class_prompt) if new_prior else None}
+        key = training_key(request, images, diffusion, specs, bank, extra)
         if reusable_concept(bank, request.name, key):
             log.info("SeqLoRA: concept %r is already in the bank, trained from these inputs; reusing it", request.name)
-            return self._outputs(base, bank, bank.concept(request.name).loss_curve)
+            return self._outputs(base, bank, request.name, [])
 
         autosave = Autosave.of(request.name, key)
         request.config.checkpoint_path = str(autosave.checkpoint)
         request.config.extra_info = {KEY_FIELD: key}
         cached = autosave.finished()
         if cached is not None:
-            return self._outputs(base, cached, cached.concept(request.name).loss_curve)
+            return self._outputs(base, cached, request.name, [])
 
+        notes = []
+        restarted = autosave.drop_stale()
+        if restarted:
+            log.warning("SeqLoRA: %s", restarted)
+            send_status(unique_id, restarted, "notice")
+            notes.append(restarted)
+        start = ConceptBank(specs, "ldm", arch) if bank is None else bank
+        start = with_structure(start, base)
         data = encode_data(base, clip, vae, images, request)
-        new_bank = train_in_comfy(base, data, request, bank, unique_id)
+        if new_prior:
+            start = self._with_base_prior(base, clip, start, data, request, class_prompt, unique_id)
+        new_bank = train_in_comfy(base, data, request, start, unique_id, weighting)
         autosave.store(new_bank)
-        return self._outputs(base, new_bank, new_bank.concept(request.name).loss_curve)
+        return self._outputs(base, new_bank, request.name, notes)
 
     @staticmethod
-    def _outputs(base, bank: ConceptBank, losses: list[float]):
+    def _with_base_prior(base, clip, bank: ConceptBank, data, request, class_prompt: str, node_id) -> ConceptBank:
+        """The bank with concept 0 measured while the base model generates (see ``prior``)."""
+        cfg = request.config
+        prompts = prior_prompts(class_prompt)
+
+        def progress(done: int, total: int) -> None:
+            send_status(node_id, f"base model's own images for the new bank: step {done}/{total}")
+
+        sketches = generate_prior(
+            base,
+            lambda text: TEXTS.encode(clip, text),
+            bank.layers,
+            tuple(data.latents.shape[1:]),
+            prompts,
+            cfg.seed,
+            cfg.sketch_rank,
+            cfg.sketch_energy,
+            progress,
+        )
+        return with_prior(bank, sketches)
+
+    @staticmethod
+    def _outputs(base, bank: ConceptBank, name: str, notes: list[str]):
         model = apply_merged(base, bank, {n: 1.0 for n in bank.names()})
-        return (bank, model, {"loss": [float(x) for x in losses]})
+        losses = [float(x) for x in bank.concept(name).loss_curve]
+        return {"ui": {"text": notes}, "result": (bank, model, {"loss": losses})}
 
 
 # --------------------------------------------------------------------------- dataset
@@ -194,6 +241,16 @@ def _resolve_folder(folder: str) -> Path:
     return p
 
 
+def folder_summary(images: int, count: int, skipped: list[str]) -> str:
+    """What the Image Folder node read, and every file it skipped (shown on the node)."""
+    text = f"{images} image{'s' if images != 1 else ''}"
+    if count != images:
+        text += f" ({count} with repeats)"
+    if skipped:
+        text += f"; skipped {len(skipped)} unreadable file{'s' if len(skipped) != 1 else ''}: " + ", ".join(skipped)
+    return text
+
+
 @_configure(schema.IMAGE_FOLDER)
 class SeqLoRAImageFolder:
     @classmethod
@@ -211,11 +268,17 @@ class SeqLoRAImageFolder:
 
     def run(self, folder: str, resolution: int):
         root = _resolve_folder(folder)
-        ds = ConceptDataset.from_folder(root, trigger="concept", caption_template="", resolution=int(resolution))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the skipped files are listed in the node's output instead
+            ds = ConceptDataset.from_folder(root, trigger="concept", caption_template="", resolution=int(resolution))
         idx = ds.weighted_indices()
         pixels = torch.stack([ds.pixels_u8[i].permute(1, 2, 0) for i in idx]).float() / 255.0
         lines = [caption_line(ds.given_captions[i]) for i in idx]
-        return (pixels, "\n".join(lines), len(idx))
+        skipped = [p.relative_to(root).as_posix() for p in ds.skipped]
+        if skipped:
+            log.warning("SeqLoRA: skipped %d unreadable image(s) in %s: %s", len(skipped), root, ", ".join(skipped))
+        text = folder_summary(len(ds.paths), len(idx), skipped)
+        return {"ui": {"text": [text]}, "result": (pixels, "\n".join(lines), len(idx))}
 
 
 # --------------------------------------------------------------------------- composition
@@ -261,6 +324,7 @@ class SeqLoRAMultiConceptLoader:
                 f"concepts: {', '.join(map(repr, unknown))} not in the bank; it has: "
                 f"{', '.join(available) or 'no concepts'}"
             )
+        check_strengths(items)
         strengths = enabled_strengths(items) if items else {n: 1.0 for n in available}
         out = apply_bypass(base, chosen, strengths) if mode == "bypass" else apply_merged(base, chosen, strengths)
         summary = [

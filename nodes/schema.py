@@ -141,8 +141,8 @@ TRAIN = NodeSpec(
         Inp(
             "model",
             "MODEL",
-            "The base diffusion model (SD1.5/SDXL). SeqLoRA concepts already applied to it "
-            "are ignored: the bank input supplies the earlier concepts.",
+            "The base diffusion model: SD1.x, SD2.x (512 or 768-v) or SDXL. SeqLoRA concepts already "
+            "applied to it are ignored: the bank input supplies the earlier concepts.",
         ),
         Inp("clip", "CLIP", "Text encoder used to encode the training captions."),
         Inp("vae", "VAE", "VAE used to encode the training images into latents."),
@@ -231,6 +231,15 @@ TRAIN = NodeSpec(
             "One caption per image, one per line (e.g. from 'SeqLoRA Image Folder'); empty lines use the template.",
             optional=True,
             force_input=True,
+        ),
+        Inp(
+            "class_prompt",
+            "STRING",
+            "Only for a new bank: a prompt for what the concepts are kinds of, without trigger words (e.g. "
+            "'a photo of a dog'). The base model generates a few images from it, from generic prompts and "
+            "the empty prompt; what it does there is what every concept of the bank must leave alone.",
+            default="",
+            optional=True,
         ),
     ),
     (

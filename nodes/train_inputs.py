@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..seqlora_core.data.captions import make_caption, make_prior_caption
+from ..seqlora_core.data.captions import make_caption
 from ..seqlora_core.method.trainer import TrainConfig
 
 CHECKPOINT_EVERY = 25  # steps between autosaved checkpoints inside ComfyUI
@@ -16,12 +16,11 @@ CHECKPOINT_EVERY = 25  # steps between autosaved checkpoints inside ComfyUI
 
 @dataclass
 class TrainRequest:
-    """What one Train node run trains: the concept's config and one caption (and prior caption) per image."""
+    """What one Train node run trains: the concept's config and one caption per image."""
 
     config: TrainConfig
     phrase: str  # the trigger words as typed: prepended to captions that lack them
     captions: list[str]
-    prior_captions: list[str]
     batch_size: int
 
     @property
@@ -84,4 +83,4 @@ def check_train_inputs(
         checkpoint_every=CHECKPOINT_EVERY,
     )
     config.validate()
-    return TrainRequest(config, phrase, caps, [make_prior_caption(c, phrase) for c in caps], int(batch_size))
+    return TrainRequest(config, phrase, caps, int(batch_size))

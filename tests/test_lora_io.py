@@ -88,23 +88,28 @@ def test_kohya_metadata_carries_triggers_and_alpha(trained, tmp_path):
     assert float(alpha) == 4.0
 
 
-def test_ldm_named_bank_exports_ldm_names_that_read_back_as_diffusers(trained, tmp_path):
+def test_ldm_named_bank_exports_sd_scripts_names_that_read_back(trained, tmp_path):
+    """A ComfyUI-trained (LDM-named) SD1 bank exports diffusers names, as sd-scripts writes SD1 LoRAs, in
+    kohya and in PEFT form; both read back as the bank's factors."""
+    from seqlora_core.apps.recipes import with_unet_structure
+
     pipe, bank, _ = trained
-    ldm_bank = bank.renamed_layers(diffusers_to_ldm_map(pipe.unet), "ldm")
+    with pytest.warns(UserWarning, match="keeps the bank's names"):  # a tiny UNet: no standard layout fits
+        export_concept(bank.renamed_layers(diffusers_to_ldm_map(pipe.unet), "ldm"), "sks", tmp_path / "x.safetensors")
+    ldm_bank = with_unet_structure(bank, pipe.unet).renamed_layers(diffusers_to_ldm_map(pipe.unet), "ldm")
     assert ldm_bank.layers[0].name.startswith(("input_blocks", "output_blocks", "middle_block"))
-    path = export_concept(ldm_bank, "sks", tmp_path / "ldm.safetensors", dtype="fp32")
-    with safe_open(str(path), "pt") as f:
-        keys = list(f.keys())
-    assert all(
-        k.startswith(("lora_unet_input_blocks_", "lora_unet_output_blocks_", "lora_unet_middle_block_")) for k in keys
-    )
-    factors, _, _ = read_lora_file(path, "diffusers", pipe.unet)
-    for spec in bank.layers:
-        a, b = factors[spec.name]
-        cl = bank.concept("sks").layers[spec.name]
-        assert torch.equal(a, cl.A) and torch.equal(b, cl.B), spec.name
-    with pytest.raises(ValueError, match="export this ComfyUI-trained bank as kohya"):
-        export_concept(ldm_bank, "sks", tmp_path / "x.safetensors", "peft")
+    for fmt in ("kohya", "peft"):
+        path = export_concept(ldm_bank, "sks", tmp_path / f"ldm_{fmt}.safetensors", fmt, dtype="fp32")
+        with safe_open(str(path), "pt") as f:
+            keys, meta = list(f.keys()), f.metadata()
+        assert meta["seqlora_layer_naming"] == "diffusers"
+        assert all(".down_blocks" in k or ".up_blocks" in k or ".mid_block" in k or "_blocks_" in k for k in keys)
+        assert not any("input_blocks" in k or "output_blocks" in k for k in keys)
+        factors, _, _ = read_lora_file(path, "diffusers", pipe.unet)
+        for spec in bank.layers:
+            a, b = factors[spec.name]
+            cl = bank.concept("sks").layers[spec.name]
+            assert torch.equal(a, cl.A) and torch.equal(b, cl.B), spec.name
 
 
 def test_imported_lora_is_frozen_and_later_concepts_avoid_it(trained, tmp_path):

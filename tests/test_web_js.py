@@ -43,6 +43,14 @@ out.points = st.points.length;
 a.addLossPoint(st, {step: 1, total: 5, loss: 0.9});  // a new run restarts the chart
 out.afterRestart = st.points.length;
 out.status = st.status;
+const st2 = {points: [], total: 0};
+a.setNote(st2, "measuring the base model", "phase");
+out.phaseBefore = st2.note;
+a.addLossPoint(st2, {step: 1, total: 3, loss: 1.0});  // the first loss point ends a phase's line
+out.phaseAfter = st2.note;
+a.setNote(st2, "settings changed: training restarts from step 1");
+a.addLossPoint(st2, {step: 2, total: 3, loss: 0.8});  // a notice stays
+out.notice = st2.note;
 console.log(JSON.stringify(out));
 """
 
@@ -83,3 +91,5 @@ def test_registers_once_and_parses_like_python(tmp_path: Path) -> None:
     ]
     assert all(c["enabled"] and c["strength"] == 1.0 for c in out["mergedAll"])
     assert out["points"] == 2 and out["afterRestart"] == 1 and out["status"].startswith("step 1/5")
+    assert out["phaseBefore"] == "measuring the base model" and out["phaseAfter"] == ""
+    assert out["notice"].startswith("settings changed")

@@ -20,7 +20,12 @@ from sync_example_workflows import sync  # noqa: E402
 
 BANK_FILE = "my_concepts.safetensors"
 NEGATIVE = "blurry, low quality"
-TRAIN_DEFAULTS = ["seqlora", 4, 500, 1e-4, 0.05, "attn", 0, 1, "a photo of {trigger}"]
+TRAIN_DEFAULTS = ["seqlora", 4, 500, 1e-4, 0.05, "attn", 0, 1, "a photo of {trigger}", ""]
+# The Train node as the editor draws it: its widgets, the loss chart under them (web/seqlora.js) and a
+# margin; rows of a chain are this far apart, so no chart is hidden behind the next node
+# (tools/workflow_thumbnails.py and tests/comfy/test_comfy_frontend.py check it in the real editor).
+TRAIN_SIZE = (400, 640)
+ROW = TRAIN_SIZE[1] + 120
 
 
 def _note(g: UIGraph, text: str, pos: tuple[float, float], size: tuple[float, float] = (420, 220)) -> None:
@@ -85,7 +90,7 @@ def train_chain(info: dict[str, Any]) -> dict[str, Any]:
     concepts = [("dog", "sks dog"), ("cat", "pqz cat"), ("hat", "wkr hat")]
     prev = None
     for i, (name, trigger) in enumerate(concepts):
-        y = i * 520
+        y = i * ROW
         folder = g.node(
             "SeqLoRAImageFolder", [f"seqlora/{name}", 512], pos=(0, y), size=(320, 110), title=f"images: {name}"
         )
@@ -93,7 +98,7 @@ def train_chain(info: dict[str, Any]) -> dict[str, Any]:
             "SeqLoRATrainConcept",
             [name, trigger, *TRAIN_DEFAULTS],
             pos=(360, y),
-            size=(360, 420),
+            size=TRAIN_SIZE,
             title=f"train: {name}",
         )
         if prev is None:
@@ -106,10 +111,11 @@ def train_chain(info: dict[str, Any]) -> dict[str, Any]:
         g.link(folder, 1, train, "captions")
         if prev is not None:
             g.link(prev, 0, train, "bank")
-        _preview(g, ck, (train, 1), neg, f"a photo of {trigger}", 780, y)
+        _preview(g, ck, (train, 1), neg, f"a photo of {trigger}", 820, y)
         prev = train
-    save = g.node("SeqLoRASaveBank", [BANK_FILE.removesuffix(".safetensors"), True], pos=(780, 1600), size=(320, 110))
-    rep = g.node("SeqLoRAInterferenceReport", [0.05], pos=(1140, 1600), size=(420, 420))
+    bottom = len(concepts) * ROW
+    save = g.node("SeqLoRASaveBank", [BANK_FILE.removesuffix(".safetensors"), True], pos=(820, bottom), size=(320, 110))
+    rep = g.node("SeqLoRAInterferenceReport", [0.05], pos=(1180, bottom), size=(420, 420))
     g.link(prev, 0, save, "bank")
     g.link(prev, 0, rep, "bank")
     _note(
@@ -190,7 +196,7 @@ def add_concept(info: dict[str, Any]) -> dict[str, Any]:
     load = g.node("SeqLoRALoadBank", [BANK_FILE], pos=(0, 150), size=(360, 80))
     folder = g.node("SeqLoRAImageFolder", ["seqlora/toy", 512], pos=(0, 280), size=(360, 110), title="images: toy")
     train = g.node(
-        "SeqLoRATrainConcept", ["toy", "zxv toy", *TRAIN_DEFAULTS], pos=(400, 0), size=(360, 420), title="train: toy"
+        "SeqLoRATrainConcept", ["toy", "zxv toy", *TRAIN_DEFAULTS], pos=(400, 0), size=TRAIN_SIZE, title="train: toy"
     )
     g.link(ck, 0, train, "model")
     g.link(ck, 1, train, "clip")
@@ -198,12 +204,12 @@ def add_concept(info: dict[str, Any]) -> dict[str, Any]:
     g.link(folder, 0, train, "images")
     g.link(folder, 1, train, "captions")
     g.link(load, 0, train, "bank")
-    neg = g.node("CLIPTextEncode", [NEGATIVE], pos=(400, 460), size=(360, 100), title="negative")
+    neg = g.node("CLIPTextEncode", [NEGATIVE], pos=(400, TRAIN_SIZE[1] + 80), size=(360, 100), title="negative")
     g.link(ck, 1, neg, "clip")
-    _preview(g, ck, (train, 1), neg, "a photo of zxv toy", 800, 0)
-    save = g.node("SeqLoRASaveBank", [BANK_FILE.removesuffix(".safetensors"), True], pos=(800, 420), size=(320, 110))
-    export = g.node("SeqLoRAExportLoRA", ["", "", "fp16", True], pos=(800, 560), size=(320, 160))
-    rep = g.node("SeqLoRAInterferenceReport", [0.05], pos=(1160, 420), size=(420, 420))
+    _preview(g, ck, (train, 1), neg, "a photo of zxv toy", 840, 0)
+    save = g.node("SeqLoRASaveBank", [BANK_FILE.removesuffix(".safetensors"), True], pos=(840, 460), size=(320, 110))
+    export = g.node("SeqLoRAExportLoRA", ["", "", "fp16", True], pos=(840, 620), size=(320, 160))
+    rep = g.node("SeqLoRAInterferenceReport", [0.05], pos=(1200, 460), size=(420, 420))
     for dst in (save, export, rep):
         g.link(train, 0, dst, "bank")
     _note(

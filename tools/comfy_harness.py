@@ -101,8 +101,9 @@ def test_threads() -> int:
 _INPROCESS: dict[str, Any] = {}
 
 
-def setup_inprocess(models_root: Path | None = None) -> Path:
-    """Import ComfyUI into this interpreter on CPU, with model folders under `models_root`.
+def setup_inprocess(models_root: Path | None = None, cpu: bool = True) -> Path:
+    """Import ComfyUI into this interpreter (on CPU unless `cpu` is False), with model folders under
+    `models_root`.
 
     Idempotent. ``args.cpu`` is set before ``comfy.model_management`` is imported, because with a
     CUDA build of torch that import otherwise looks for a GPU.
@@ -117,10 +118,11 @@ def setup_inprocess(models_root: Path | None = None) -> Path:
     _assert_module_origin("comfy", path)
     from comfy.cli_args import args
 
-    args.cpu = True
+    args.cpu = cpu
     import torch
 
-    torch.set_num_threads(test_threads())
+    if cpu:
+        torch.set_num_threads(test_threads())
     args.disable_metadata = False
     import comfy.model_management  # noqa: F401  (must come after args.cpu)
     import comfy.utils  # noqa: F401
@@ -208,15 +210,91 @@ def _fill_(named: Iterable[tuple[str, Any]], generator) -> None:
                 t.copy_(torch.randn(t.shape, generator=generator) * (0.5 / fan_in**0.5))
 
 
-def build_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
-    """Write a random SD1.5-detected checkpoint: 1-level UNet, TAESD, full CLIP-L, fp16 (~276 MiB).
+# ComfyUI's model detection (comfy/model_detection.py, comfy/supported_models.py) pins only a few numbers per
+# family; the rest of each UNet is as small as it can be while ComfyUI still detects the family.
+TINY_UNETS: dict[str, dict[str, Any]] = {
+    # SD15: width 320, context 768, conv proj_in, no ADM; one level, one res block, one transformer
+    "sd15": dict(
+        num_res_blocks=1,
+        channel_mult=(1,),
+        num_heads=8,
+        transformer_depth=[1],
+        transformer_depth_output=[1, 1],
+        transformer_depth_middle=-2,
+        context_dim=768,
+        use_linear_in_transformer=False,
+    ),
+    # SD20: width 320, context 1024, linear proj_in, no ADM; v-prediction is read from the spread of
+    # output_blocks.11's first norm1.bias, so the block layout is SD2's own (4 levels, 2 res blocks)
+    "sd2v": dict(
+        num_res_blocks=2,
+        channel_mult=(1, 1, 1, 1),
+        num_head_channels=64,
+        transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+        transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],  # shallow level first, as detected
+        transformer_depth_middle=1,
+        context_dim=1024,
+        use_linear_in_transformer=True,
+    ),
+    # the real SD1.5 UNet (859 M parameters): for timings that mean something on a GPU
+    "sd15_full": dict(
+        num_res_blocks=2,
+        channel_mult=(1, 2, 4, 4),
+        num_heads=8,
+        transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+        transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+        transformer_depth_middle=1,
+        context_dim=768,
+        use_linear_in_transformer=False,
+    ),
+    # SDXL: width 320, context 2048, ADM 2816, linear proj_in and transformer depths [0, 0, 2, 2, 10, 10]
+    # per input res block (one level of six res blocks here); output depths are free
+    "sdxl": dict(
+        num_res_blocks=6,
+        channel_mult=(1,),
+        num_head_channels=64,
+        transformer_depth=[0, 0, 2, 2, 10, 10],
+        transformer_depth_output=[0, 0, 0, 0, 1, 1, 1],
+        transformer_depth_middle=-2,
+        context_dim=2048,
+        use_linear_in_transformer=True,
+        adm_in_channels=2816,
+        num_classes="sequential",
+    ),
+}
+V_PRED_MARK = "output_blocks.11.1.transformer_blocks.0.norm1.bias"  # SD20.model_type reads its spread
 
-    ComfyUI's model detection only pins model_channels=320, context_dim=768, conv proj_in and no
-    ADM, so one level with one res block, one transformer and no middle block loads as SD15.
-    Deterministic for a given `seed`. Needs `setup_inprocess` first.
-    """
+
+def _text_encoder(config_file: Path, generator, keep_projection: bool) -> dict[str, Any]:
+    """A randomly filled ComfyUI CLIPTextModel of a fixed config: its state dict (text_model.*, and
+    text_projection.weight when `keep_projection`)."""
     import json as _json
 
+    import comfy.clip_model
+    import comfy.ops
+    import torch
+
+    config = _json.loads(config_file.read_text())
+    model = comfy.clip_model.CLIPTextModel(
+        config, dtype=torch.float32, device="cpu", operations=comfy.ops.disable_weight_init
+    )
+    _fill_(list(model.named_parameters()) + list(model.named_buffers()), generator)
+    keep = ("text_model.", "text_projection.") if keep_projection else ("text_model.",)
+    out = {k: v.to(torch.float16) for k, v in model.state_dict().items() if k.startswith(keep)}
+    del model
+    return out
+
+
+def build_tiny_checkpoint(path: Path, seed: int = 0, family: str = "sd15") -> Path:
+    """Write a random checkpoint that ComfyUI detects as `family` (sd15, sd2v or sdxl), fp16, with TAESD
+    as the VAE and the family's full-size text encoders (ComfyUI builds them from fixed configs):
+
+    - sd15: a 1-level UNet and CLIP-L (~276 MiB); sd15_full: the real SD1.5 UNet and CLIP-L (~1.9 GiB);
+    - sd2v: SD2's 4-level block layout at width 320 and OpenCLIP-H, detected as v-prediction (~0.9 GiB);
+    - sdxl: a 1-level UNet with SDXL's transformer depths and ADM input, CLIP-L and OpenCLIP-bigG (~1.8 GiB).
+
+    Deterministic for a given `seed`. Needs `setup_inprocess` first.
+    """
     import comfy.clip_model
     import comfy.ops
     import comfy.taesd.taesd
@@ -224,6 +302,8 @@ def build_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
     import torch
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
+    if family not in TINY_UNETS:
+        raise ValueError(f"family: {family!r}; use one of {sorted(TINY_UNETS)}")
     path = Path(path)
     if path.is_file():
         return path
@@ -236,42 +316,52 @@ def build_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
         in_channels=4,
         model_channels=320,
         out_channels=4,
-        num_res_blocks=1,
-        channel_mult=(1,),
-        num_heads=8,
         use_spatial_transformer=True,
-        transformer_depth=[1],
-        transformer_depth_output=[1, 1],
-        transformer_depth_middle=-2,
-        context_dim=768,
-        use_linear_in_transformer=False,
         legacy=False,
         operations=ops,
+        **TINY_UNETS[family],
     )
     _fill_(list(unet.named_parameters()) + list(unet.named_buffers()), gen)
-    out.update({f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()})
+    if family == "sd2v":
+        mark = unet.get_parameter(V_PRED_MARK)
+        with torch.no_grad():
+            mark.copy_(0.2 * torch.randn(mark.shape, generator=gen))
+    out.update({f"model.diffusion_model.{k}": v.to(torch.float16) for k, v in unet.state_dict().items()})
     del unet
 
     vae = comfy.taesd.taesd.TAESD()
     _fill_(list(vae.named_parameters()) + list(vae.named_buffers()), gen)
-    out.update({f"first_stage_model.{k}": v for k, v in vae.state_dict().items()})
+    out.update({f"first_stage_model.{k}": v.to(torch.float16) for k, v in vae.state_dict().items()})
     del vae
 
-    cfg_file = Path(comfy.clip_model.__file__).parent / "sd1_clip_config.json"
-    config = _json.loads(cfg_file.read_text())
-    clip = comfy.clip_model.CLIPTextModel(config, dtype=torch.float32, device="cpu", operations=ops)
-    _fill_(list(clip.named_parameters()) + list(clip.named_buffers()), gen)
-    out.update(
-        {f"cond_stage_model.transformer.{k}": v for k, v in clip.state_dict().items() if k.startswith("text_model.")}
-    )
-    del clip
-
-    out = {k: v.to(torch.float16).contiguous() for k, v in out.items()}
+    configs = Path(comfy.clip_model.__file__).parent
+    if family in ("sd15", "sd15_full"):
+        clip_l = _text_encoder(configs / "sd1_clip_config.json", gen, keep_projection=False)
+        out.update({f"cond_stage_model.transformer.{k}": v for k, v in clip_l.items()})
+    elif family == "sd2v":
+        clip_h = _text_encoder(configs / "text_encoders" / "sd2_clip_config.json", gen, keep_projection=True)
+        out.update({f"cond_stage_model.model.transformer.{k}": v for k, v in clip_h.items()})
+    else:
+        clip_l = _text_encoder(configs / "sd1_clip_config.json", gen, keep_projection=False)
+        out.update({f"conditioner.embedders.0.transformer.{k}": v for k, v in clip_l.items()})
+        del clip_l
+        clip_g = _text_encoder(configs / "clip_config_bigg.json", gen, keep_projection=True)
+        out.update({f"conditioner.embedders.1.model.transformer.{k}": v for k, v in clip_g.items()})
+    out = {k: v.contiguous() for k, v in out.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
     safetensors.torch.save_file(out, str(tmp))
     os.replace(tmp, path)
     return path
+
+
+def cache_dir() -> Path:
+    """Where test checkpoints are cached between runs: ``$SEQLORA_TEST_CACHE``, else
+    ``~/.cache/seqlora/tests`` (``$XDG_CACHE_HOME`` respected)."""
+    base = os.environ.get("SEQLORA_TEST_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "seqlora", "tests"
+    )
+    return Path(base)
 
 
 def make_images(
@@ -893,3 +983,163 @@ class UIGraph:
             "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}},
             "version": 0.4,
         }
+
+
+# --------------------------------------------------------------------------- headless Chromium
+
+
+def chromium() -> str | None:
+    """The headless Chromium (or Chrome) executable on PATH, or None."""
+    import shutil
+
+    return next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+
+
+class CDP:
+    """A minimal Chrome DevTools Protocol client over one page's websocket."""
+
+    def __init__(self, ws_url: str) -> None:
+        import websocket
+
+        self.ws = websocket.create_connection(ws_url, timeout=60, suppress_origin=True)
+        self.next_id = 0
+        self.events: list[dict[str, Any]] = []
+
+    def call(self, method: str, **params: Any) -> dict[str, Any]:
+        self.next_id += 1
+        my_id = self.next_id
+        self.ws.send(json.dumps({"id": my_id, "method": method, "params": params}))
+        while True:
+            msg = json.loads(self.ws.recv())
+            if msg.get("id") == my_id:
+                if "error" in msg:
+                    raise RuntimeError(f"{method}: {msg['error']}")
+                return msg.get("result", {})
+            self.events.append(msg)
+
+    def js(self, expr: str) -> Any:
+        res = self.call("Runtime.evaluate", expression=expr, awaitPromise=True, returnByValue=True)
+        if "exceptionDetails" in res:
+            raise RuntimeError(f"{expr[:80]}...: {res['exceptionDetails']}")
+        return res["result"].get("value")
+
+    def wait_js(self, expr: str, timeout: float = 90.0) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                value = self.js(expr)
+            except RuntimeError:
+                value = None
+            if value:
+                return value
+            time.sleep(0.5)
+        raise TimeoutError(expr)
+
+    def problems(self) -> list[str]:
+        out = []
+        for e in self.events:
+            if e.get("method") == "Runtime.exceptionThrown":
+                out.append(json.dumps(e["params"]["exceptionDetails"])[:500])
+            elif e.get("method") == "Runtime.consoleAPICalled" and e["params"]["type"] == "error":
+                out.append(" ".join(str(a.get("value", a.get("description", ""))) for a in e["params"]["args"])[:500])
+        return out
+
+    def screenshot(self) -> bytes:
+        import base64
+
+        return base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"])
+
+
+@contextlib.contextmanager
+def comfy_page(server: ComfyServer, profile: Path, size: tuple[int, int] = (1600, 1000)):
+    """Headless Chromium on ComfyUI's web app with SeqLoRA's nodes registered: yields a `CDP` page whose
+    graph is empty, at offset 0 and scale 1. The browser is stopped by its PID afterwards."""
+    browser = chromium()
+    if browser is None:
+        raise RuntimeError("no headless Chromium installed (apt-get install chromium)")
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            browser,
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            f"--remote-debugging-port={port}",
+            f"--user-data-dir={profile}",
+            f"--window-size={size[0]},{size[1]}",
+            "about:blank",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        pages = None
+        for _ in range(120):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=2) as r:
+                    pages = [p for p in json.loads(r.read()) if p.get("type") == "page"]
+                if pages:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        if not pages:
+            raise RuntimeError("Chromium did not open a page")
+        cdp = CDP(pages[0]["webSocketDebuggerUrl"])
+        cdp.call("Runtime.enable")
+        cdp.call("Page.enable")
+        cdp.call("Page.navigate", url=server.url)
+        cdp.wait_js(
+            "!!(window.app && window.app.graph && window.LiteGraph && "
+            "LiteGraph.registered_node_types['SeqLoRATrainConcept'])",
+            timeout=180,
+        )
+        time.sleep(1.0)
+        for _ in range(3):  # close the first-run template browser, start from an empty graph
+            cdp.call("Input.dispatchKeyEvent", type="keyDown", key="Escape", code="Escape", windowsVirtualKeyCode=27)
+            cdp.call("Input.dispatchKeyEvent", type="keyUp", key="Escape", code="Escape", windowsVirtualKeyCode=27)
+        cdp.js(
+            "document.querySelectorAll('.p-dialog-close-button').forEach(b => b.click()); app.graph.clear(); "
+            "app.canvas.ds.offset = [0, 0]; app.canvas.ds.scale = 1; true"
+        )
+        yield cdp
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+# layout of a workflow in the real editor: every node's box as the frontend sizes it
+NODE_BOXES_JS = """(async (wf) => {
+    await app.loadGraphData(wf);
+    const title = LiteGraph.NODE_TITLE_HEIGHT || 30;
+    return app.graph._nodes.map((n) => {
+        const need = n.computeSize ? n.computeSize() : n.size;
+        return {id: n.id, type: n.type, x: n.pos[0], y: n.pos[1] - title, w: n.size[0], h: n.size[1] + title,
+                body_h: n.size[1], need_w: need[0], need_h: need[1]};
+    });
+})"""
+
+
+def node_boxes(cdp: CDP, workflow: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Every node of `workflow` as the editor lays it out: its box (title bar included: x, y, w, h), its
+    body's height and the size its widgets need (``computeSize``: need_w, need_h)."""
+    return cdp.js(f"{NODE_BOXES_JS}({json.dumps(workflow)})")
+
+
+def overlaps(boxes: list[Mapping[str, Any]], margin: float = 0.0) -> list[tuple[int, int]]:
+    """Pairs of node ids whose boxes intersect (after growing each by `margin`)."""
+    out = []
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1 :]:
+            if (
+                a["x"] - margin < b["x"] + b["w"]
+                and b["x"] - margin < a["x"] + a["w"]
+                and a["y"] - margin < b["y"] + b["h"]
+                and b["y"] - margin < a["y"] + a["h"]
+            ):
+                out.append((a["id"], b["id"]))
+    return out

@@ -1,20 +1,22 @@
 // SeqLoRA frontend extension for ComfyUI.
 //
 // - SeqLoRA Train Concept: a live loss chart drawn on the node, fed by the websocket event
-//   "seqlora.loss" ({node, step, total, loss}) that the node sends while it trains.
+//   "seqlora.loss" ({node, step, total, loss}) that the node sends while it trains; the event
+//   "seqlora.status" ({node, text}) and the node's text output (e.g. that changed settings restart a
+//   cancelled training) show as a line under the chart's title.
 // - SeqLoRA Multi-Concept Loader: the bank's concepts with their trigger words, a checkbox and a
 //   strength each. The list comes from GET /seqlora/bank_info?file=<bank file> (or, for a linked
 //   bank, from the node's last execution); editing it rewrites the node's `concepts` text widget
 //   ("name:strength, !off:strength"), which is what the workflow stores and the Python node reads.
-// - Nodes that report text (save, export, report) show it under their widgets; the report's
-//   heatmap is shown by ComfyUI itself (ui images).
+// - Nodes that report text (image folder, save, export, report) show it under their widgets; the
+//   report's heatmap is shown by ComfyUI itself (ui images).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const EXT = "SeqLoRA.UI";
 const TRAIN = "SeqLoRATrainConcept";
 const LOADER = "SeqLoRAMultiConceptLoader";
-const TEXT_NODES = new Set(["SeqLoRASaveBank", "SeqLoRAExportLoRA", "SeqLoRAInterferenceReport"]);
+const TEXT_NODES = new Set(["SeqLoRAImageFolder", "SeqLoRASaveBank", "SeqLoRAExportLoRA", "SeqLoRAInterferenceReport"]);
 const LINKED_BANK = "(linked bank)";
 const CHART_HEIGHT = 130;
 
@@ -64,14 +66,23 @@ export function mergeConcepts(bankConcepts, text) {
 // ---------------------------------------------------------------- loss chart
 
 function lossState(node) {
-  if (!node.__seqloraLoss) node.__seqloraLoss = { points: [], total: 0, status: "waiting for training" };
+  if (!node.__seqloraLoss) node.__seqloraLoss = { points: [], total: 0, status: "waiting for training", note: "" };
   return node.__seqloraLoss;
+}
+
+// A line under the chart's title: a phase ("measuring the base model", cleared by the first loss point)
+// or a notice (e.g. a restart after changed settings; it stays until the next run's notices).
+export function setNote(state, text, kind = "notice") {
+  state.note = String(text ?? "");
+  state.noteKind = kind;
+  return state;
 }
 
 export function addLossPoint(state, detail) {
   const step = Number(detail.step);
   const last = state.points.length ? state.points[state.points.length - 1][0] : 0;
   if (step <= 1 || step <= last) state.points = []; // a new run, or a resume from a checkpoint
+  if (state.noteKind === "phase") setNote(state, "", "");
   if (detail.loss !== null && detail.loss !== undefined && Number.isFinite(Number(detail.loss))) {
     state.points.push([step, Number(detail.loss)]);
   }
@@ -96,6 +107,12 @@ function drawChart(ctx, node, width, y) {
   ctx.fillStyle = "#bbb";
   ctx.font = "11px sans-serif";
   ctx.fillText(`loss  ${st.status}`, m + 6, y + 18);
+  if (st.note) {
+    ctx.fillStyle = "#e0b050";
+    let note = st.note;
+    while (note.length > 4 && ctx.measureText(note).width > w - 12) note = note.slice(0, -4) + "...";
+    ctx.fillText(note, m + 6, y + 32);
+  }
   const pts = st.points;
   if (pts.length >= 2) {
     let lo = Infinity;
@@ -107,8 +124,8 @@ function drawChart(ctx, node, width, y) {
     if (hi - lo < 1e-12) hi = lo + 1e-12;
     const x0 = pts[0][0];
     const span = Math.max(1, Math.max(st.total, pts[pts.length - 1][0]) - x0);
-    const top = y + 26;
-    const plotH = h - 30;
+    const top = y + (st.note ? 40 : 26);
+    const plotH = h - (st.note ? 44 : 30);
     ctx.strokeStyle = "#4fc3f7";
     ctx.lineWidth = 1.5;
     ctx.beginPath();
@@ -307,6 +324,12 @@ if (!globalThis.__seqloraUiRegistered) {
         addLossPoint(lossState(node), detail);
         node.setDirtyCanvas?.(true, false);
       });
+      api.addEventListener("seqlora.status", ({ detail }) => {
+        const node = detail ? findNode(detail.node) : null;
+        if (!node) return;
+        setNote(lossState(node), detail.text, detail.kind || "notice");
+        node.setDirtyCanvas?.(true, false);
+      });
     },
 
     async beforeRegisterNodeDef(nodeType, nodeData) {
@@ -316,6 +339,16 @@ if (!globalThis.__seqloraUiRegistered) {
         nodeType.prototype.onNodeCreated = function () {
           const r = created?.apply(this, arguments);
           addChartWidget(this);
+          return r;
+        };
+        const executed = nodeType.prototype.onExecuted;
+        nodeType.prototype.onExecuted = function (message) {
+          const r = executed?.apply(this, arguments);
+          const text = [].concat(message?.text ?? []).join(" ");
+          if (text) {
+            setNote(lossState(this), text);
+            this.setDirtyCanvas?.(true, false);
+          }
           return r;
         };
       } else if (name === LOADER) {

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from ..backends import diffusers_backend
@@ -20,6 +21,7 @@ from ..backends.diffusers_backend import (
 )
 from ..data.captions import DEFAULT_TEMPLATE
 from ..data.dataset import ConceptDataset
+from ..interop.naming import STRUCTURE_META, structure_to_meta, unet_structure
 from ..method.bank import ConceptBank
 from ..method.trainer import BatchFn, TrainCallbacks, TrainConfig, train_concept
 from ..toy.concepts import trigger_word, write_concept_folder
@@ -84,7 +86,20 @@ def train_from_folder(
                 pipe, prompts, resolution, prior_images, seed=config.seed, batch_size=batch_size
             ).batches
     # the loss is looked up when called, so a test can wrap it
-    return train_concept(pipe.unet, diffusers_backend.diffusion_loss, data.batches, config, bank, prior, callbacks)
+    new_bank = train_concept(pipe.unet, diffusers_backend.diffusion_loss, data.batches, config, bank, prior, callbacks)
+    return with_unet_structure(new_bank, pipe.unet)
+
+
+def with_unet_structure(bank: ConceptBank, unet) -> ConceptBank:
+    """The bank with its UNet's block structure in its meta (kept if already there), so its layers can be
+    named in every convention on export; unchanged for a UNet whose blocks have no known names."""
+    if STRUCTURE_META in bank.meta:
+        return bank
+    try:
+        structure = unet_structure(unet)
+    except (TypeError, ValueError, KeyError):
+        return bank
+    return dataclasses.replace(bank, meta={**bank.meta, STRUCTURE_META: structure_to_meta(structure)})
 
 
 def learn_toy_concept(

@@ -11,7 +11,7 @@ import torch
 
 from ..method.bank import Concept, ConceptBank, ConceptLayer
 from . import naming as nm
-from .families import kohya_base_version
+from .families import SD2, SD2V, SD15, SDXL, kohya_base_version
 from .lora_read import read_lora_file
 from .lora_write import save_kohya, save_peft
 
@@ -24,6 +24,56 @@ def concept_factors(bank: ConceptBank, name: str, strength: float = 1.0) -> Fact
     return {layer: (cl.A.float(), cl.B.float() * strength) for layer, cl in c.layers.items()}
 
 
+# the layer naming kohya's sd-scripts writes for each family: diffusers module names for SD1.x/SD2.x,
+# the original (LDM/SGM) module names for SDXL
+CANONICAL_NAMING = {SD15: "diffusers", SD2: "diffusers", SD2V: "diffusers", SDXL: "ldm"}
+_PRESET_OF = {SD15: nm.SD1, SD2: nm.SD1, SD2V: nm.SD1, SDXL: nm.SDXL}
+
+
+def bank_structure(bank: ConceptBank) -> nm.UNetStructure | None:
+    """The block structure of the UNet the bank was trained on: stored in its meta, else the family's
+    standard layout (SD1.x/SD2.x or SDXL), else None."""
+    stored = bank.meta.get(nm.STRUCTURE_META)
+    if stored:
+        return nm.structure_from_meta(stored)
+    return _PRESET_OF.get(bank.architecture.lower())
+
+
+def names_in(bank: ConceptBank, naming: str) -> dict[str, str] | None:
+    """Bank layer name -> module name in ``naming`` ("diffusers" or "ldm"); None when the bank's names
+    cannot be translated (no known structure, or a layer the structure does not name)."""
+    if bank.layer_naming == naming:
+        return {s.name: s.name for s in bank.layers}
+    structure = bank_structure(bank)
+    if structure is None or {bank.layer_naming, naming} != {"diffusers", "ldm"}:
+        return None
+    table = nm.diffusers_to_ldm_map(structure)
+    if naming == "diffusers":
+        table = {v: k for k, v in table.items()}
+    names = {s.name: table.get(s.name) for s in bank.layers}
+    return None if None in names.values() else names  # type: ignore[return-value]
+
+
+def canonical_names(bank: ConceptBank) -> tuple[dict[str, str], str]:
+    """(bank layer name -> module name in the file, that naming) for a kohya export: the naming sd-scripts
+    uses for the bank's family, whatever naming the bank was trained in; the bank's own names for
+    families without one (or when they cannot be translated, with a warning)."""
+    want = CANONICAL_NAMING.get(bank.architecture.lower())
+    own = {s.name: s.name for s in bank.layers}
+    if want is None:
+        return own, bank.layer_naming
+    names = names_in(bank, want)
+    if names is None:
+        warnings.warn(
+            f"the bank's {bank.layer_naming} layer names could not be translated to {want} names for "
+            f"{bank.architecture} (unknown UNet structure); the LoRA keeps the bank's names, which ComfyUI, "
+            "A1111 and Forge still read",
+            stacklevel=3,
+        )
+        return own, bank.layer_naming
+    return names, want
+
+
 def export_concept(
     bank: ConceptBank,
     name: str,
@@ -33,17 +83,27 @@ def export_concept(
 ) -> Path:
     """Write one concept as an ordinary LoRA file: kohya (`lora_unet_*`, alpha = r) or diffusers/PEFT.
 
-    Trigger words go in `ss_tag_frequency` and `modelspec.trigger_phrase`; SeqLoRA facts in `seqlora_*`.
-    Layer names are the bank's own: diffusers names (banks trained with diffusers) or LDM names (banks
-    trained in ComfyUI); ComfyUI, A1111 and Forge read both in kohya files.
+    kohya keys follow kohya's sd-scripts for the bank's family, whatever naming the bank was trained in:
+    diffusers module names for SD1.x/SD2.x (`lora_unet_down_blocks_0_attentions_0_...`), LDM names for
+    SDXL (`lora_unet_input_blocks_4_1_...`); so ComfyUI, A1111, Forge, sd-scripts and diffusers'
+    `load_lora_weights` all read them. PEFT files use diffusers names. Trigger words go in
+    `ss_tag_frequency` and `modelspec.trigger_phrase`; SeqLoRA facts in `seqlora_*`.
     """
     if fmt not in ("kohya", "peft"):
         raise ValueError(f"format: {fmt!r}; use 'kohya' (ComfyUI, A1111, Forge) or 'peft' (diffusers)")
     c = bank.concept(name)
-    if fmt == "peft" and bank.layer_naming == "ldm":
-        raise ValueError("format: PEFT files need diffusers layer names; export this ComfyUI-trained bank as kohya")
-    factors = {k: v for k, v in concept_factors(bank, name).items() if float(v[1].abs().max()) > 0}
-    kernels = {s.name: s.kernel for s in bank.layers if s.kind == "conv2d"}
+    if fmt == "peft":
+        names = names_in(bank, "diffusers")
+        if names is None:
+            raise ValueError(
+                f"format: PEFT files need diffusers layer names and this bank's {bank.layer_naming} names cannot "
+                "be translated (unknown UNet structure); export it as kohya"
+            )
+        naming = "diffusers"
+    else:
+        names, naming = canonical_names(bank)
+    factors = {names[k]: v for k, v in concept_factors(bank, name).items() if float(v[1].abs().max()) > 0}
+    kernels = {names[s.name]: s.kernel for s in bank.layers if s.kind == "conv2d"}
     extra = {
         "seqlora_concept": c.name,
         "seqlora_method": c.method,
@@ -51,6 +111,7 @@ def export_concept(
         "seqlora_bank_fingerprint": bank.fingerprint,
         "seqlora_concept_index": str(bank.index(name)),
         "seqlora_architecture": bank.architecture,
+        "seqlora_layer_naming": naming,
     }
     base_version = kohya_base_version(bank.architecture)
     save = save_kohya if fmt == "kohya" else save_peft

@@ -83,6 +83,30 @@ class UNetStructure:
         return tuple(len(d) for d in self.down_depths)
 
 
+STRUCTURE_META = "unet_structure"  # ConceptBank.meta key: the trained UNet's block structure
+
+
+def structure_to_meta(s: UNetStructure) -> dict[str, Any]:
+    """A `UNetStructure` as plain JSON data (stored in a bank's meta)."""
+    return {
+        "down": [list(d) for d in s.down_depths],
+        "up": [list(d) for d in s.up_depths],
+        "mid": s.mid_depth,
+        "label_emb": s.label_emb,
+    }
+
+
+def structure_from_meta(data: Mapping[str, Any]) -> UNetStructure:
+    """The `UNetStructure` that `structure_to_meta` stored (ValueError when malformed)."""
+    try:
+        down = tuple(tuple(int(x) for x in d) for d in data["down"])
+        up = tuple(tuple(int(x) for x in d) for d in data["up"])
+        mid = data.get("mid")
+        return UNetStructure(down, up, None if mid is None else int(mid), data.get("label_emb"))
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"malformed UNet structure {data!r}: {e}") from None
+
+
 def _per_resnet(value: Any, n: int) -> tuple[int, ...]:
     """An int or a per-resnet sequence -> a tuple of n ints."""
     if isinstance(value, int):

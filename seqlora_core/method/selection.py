@@ -9,9 +9,11 @@ remembered for when it is switched on again). The last ``:`` separates the stren
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 Item = tuple[str, float, bool]  # (name, strength, enabled)
+MAX_STRENGTH = 20.0  # |strength| above this is a typo, not a setting: 20x a concept's delta wrecks any model
 
 
 def parse_selection(text: str, field: str = "concepts") -> list[Item]:
@@ -48,3 +50,19 @@ def format_selection(items: Iterable[Item]) -> str:
 def enabled_strengths(items: Iterable[Item]) -> dict[str, float]:
     """Concept name -> strength of the items that are switched on."""
     return {name: s for name, s, on in items if on}
+
+
+def check_strengths(items: Iterable[Item], field: str = "concepts", limit: float = MAX_STRENGTH) -> None:
+    """ValueError (naming ``field`` and the concept) on a strength that is not finite or beyond +-``limit``.
+
+    ``nan``, ``inf`` and ``1e9`` parse as numbers, but composed into the weights they give a black or
+    noise image without any error; switched-off items are checked too, since the switch may flip later.
+    """
+    for name, s, _ in items:
+        if not math.isfinite(s):
+            raise ValueError(f"{field}: strength {s} of {name!r} is not a finite number; use e.g. {name}:1.0")
+        if abs(s) > limit:
+            raise ValueError(
+                f"{field}: strength {s:g} of {name!r} is outside -{limit:g}..{limit:g}; LoRA strengths are "
+                f"usually 0..1.5, e.g. {name}:1.0"
+            )

@@ -30,7 +30,7 @@ from .bank import Concept, ConceptBank, ConceptLayer, DuplicateConceptError
 from .compose import Composition, compose
 from .interference import dense_gram, energy_of_gram
 from .methods import Method, get_method, method_of
-from .stats import record_moments, sketch_moment
+from .stats import MomentRecorder, record_moments, sketch_moment
 from .targets import LayerSpec, find_targets
 
 log = logging.getLogger("seqlora")
@@ -38,6 +38,10 @@ log = logging.getLogger("seqlora")
 REPROJECT_EVERY = 10
 MAX_TURN = 0.2  # largest Frobenius step of a basis (r x n, orthonormal rows) in one training step
 LAMBDA_HALF = 10.0  # the dual variable at which the penalty acts at half its full strength
+# The final statistics are recorded during the last ``stats_batches`` training steps (their forward passes,
+# adapter active) instead of in a separate pass, when the training is at least this many times longer than
+# that window (so the adapter barely moves inside it) and this run executes the whole window.
+FINAL_STATS_IN_STEPS_MIN = 4
 
 
 def _theta(lam: torch.Tensor) -> torch.Tensor:
@@ -367,6 +371,8 @@ class _Run:
         self.last_interference: tuple | None = None
         self.earlier: Composition | None = None  # the earlier concepts, toggled per step in the "mixed" context
         self._interference_acc = [0.0, 0.0]
+        self.recorder: MomentRecorder | None = None  # records the concept loss's forward passes when set
+        self.recorded_steps = 0
 
     # ---- setup -------------------------------------------------------------------------------
     def init_layer(self, spec: LayerSpec, moment: torch.Tensor, slot: int, gen: torch.Generator) -> LayerInit:
@@ -492,7 +498,8 @@ class _Run:
             if g.A.requires_grad:
                 g.A.grad = None
         with _autocast(self.device, cfg.precision):
-            loss = self.loss_fn(self.model, self.batches(self.step))
+            with self.recorder if self.recorder is not None else contextlib.nullcontext():
+                loss = self.loss_fn(self.model, self.batches(self.step))
             total = loss
             if cfg.prior_loss_weight > 0 and self.prior_batches is not None:
                 total = loss + cfg.prior_loss_weight * self.loss_fn(self.model, self.prior_batches(self.step))
@@ -728,13 +735,21 @@ def train_concept(
             run.try_resume(key)
             _phase(cb, "train")
             t = time.perf_counter()
-            _train_loop(run, cb, key)
+            # in the "mixed" context the last steps ran with and without the earlier concepts; the final
+            # statistics are taken with them on, in a pass of their own
+            window = _final_stats_window(config, run.step) if run.earlier is None else None
+            recorder = MomentRecorder(model, specs) if window is not None else None
+            _train_loop(run, cb, key, recorder, window)
             timings["train_s"] = time.perf_counter() - t
-            _phase(cb, "final stats")
             t = time.perf_counter()
-            if run.earlier is not None:
-                run.earlier.set_active(True)
-            final = _run_stats(model, specs, loss_fn, batches, config.stats_batches, config.precision)
+            if recorder is not None and run.recorded_steps == config.stats_batches:
+                final = recorder.moments()  # the last steps' forward passes, adapter active
+                timings["final_stats_in_steps"] = float(run.recorded_steps)
+            else:
+                _phase(cb, "final stats")
+                if run.earlier is not None:
+                    run.earlier.set_active(True)
+                final = _run_stats(model, specs, loss_fn, batches, config.stats_batches, config.precision)
             timings["final_stats_s"] = time.perf_counter() - t
             concept = _make_concept(run, final, config, method)
         except BaseException as e:
@@ -771,14 +786,31 @@ def prepared_for_training(model: nn.Module, gradient_checkpointing: bool = False
             p.requires_grad_(grad_flags.get(n, p.requires_grad))
 
 
-def _train_loop(run: _Run, cb: TrainCallbacks, key: str) -> None:
+def _final_stats_window(config: TrainConfig, start: int) -> int | None:
+    """The first step whose forward pass feeds the final statistics, or None for a separate pass after
+    training: short trainings (the adapter still moves a lot in its last steps) and runs resumed inside the
+    window (the steps before the cut were not recorded) measure them in a pass of their own."""
+    k = config.stats_batches
+    first = config.steps - k
+    if k < 1 or config.steps < FINAL_STATS_IN_STEPS_MIN * k or start > first:
+        return None
+    return first
+
+
+def _train_loop(
+    run: _Run, cb: TrainCallbacks, key: str, recorder: MomentRecorder | None = None, window: int | None = None
+) -> None:
     """Step until done, reporting every step, checkpointing every ``checkpoint_every`` steps; a stop
-    request saves the checkpoint and raises :class:`TrainingCancelled`."""
+    request saves the checkpoint and raises :class:`TrainingCancelled`. From step ``window`` on, the
+    concept loss's forward passes also feed ``recorder`` (the final statistics)."""
     config = run.cfg
     while run.step < config.steps:
         if cb.should_stop is not None and cb.should_stop():
             run.save_checkpoint(key)
             raise TrainingCancelled(run.step, config.checkpoint_path)
+        if recorder is not None and window is not None and run.step >= window:
+            run.recorder = recorder
+            run.recorded_steps += 1
         loss = run.do_step()
         if cb.on_step is not None:
             rel, lam = run.interference_now() if run.method.constrained else (0.0, 0.0)

@@ -8,71 +8,15 @@ text, and nothing in the page throws. A screenshot is left in the test's temp fo
 
 from __future__ import annotations
 
-import base64
 import json
-import shutil
-import subprocess
 import time
-import urllib.request
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
-from comfy_harness import free_port
+from comfy_harness import chromium, comfy_page
 
-BROWSER = next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(BROWSER is None, reason="no headless Chromium installed")]
-
-
-class CDP:
-    """A minimal Chrome DevTools Protocol client over one page's websocket."""
-
-    def __init__(self, ws_url: str) -> None:
-        import websocket
-
-        self.ws = websocket.create_connection(ws_url, timeout=60, suppress_origin=True)
-        self.next_id = 0
-        self.events: list[dict[str, Any]] = []
-
-    def call(self, method: str, **params: Any) -> dict[str, Any]:
-        self.next_id += 1
-        my_id = self.next_id
-        self.ws.send(json.dumps({"id": my_id, "method": method, "params": params}))
-        while True:
-            msg = json.loads(self.ws.recv())
-            if msg.get("id") == my_id:
-                if "error" in msg:
-                    raise RuntimeError(f"{method}: {msg['error']}")
-                return msg.get("result", {})
-            self.events.append(msg)
-
-    def js(self, expr: str) -> Any:
-        res = self.call("Runtime.evaluate", expression=expr, awaitPromise=True, returnByValue=True)
-        if "exceptionDetails" in res:
-            raise RuntimeError(f"{expr[:80]}...: {res['exceptionDetails']}")
-        return res["result"].get("value")
-
-    def wait_js(self, expr: str, timeout: float = 90.0) -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                value = self.js(expr)
-            except RuntimeError:
-                value = None
-            if value:
-                return value
-            time.sleep(0.5)
-        raise TimeoutError(expr)
-
-    def problems(self) -> list[str]:
-        out = []
-        for e in self.events:
-            if e.get("method") == "Runtime.exceptionThrown":
-                out.append(json.dumps(e["params"]["exceptionDetails"])[:500])
-            elif e.get("method") == "Runtime.consoleAPICalled" and e["params"]["type"] == "error":
-                out.append(" ".join(str(a.get("value", a.get("description", ""))) for a in e["params"]["args"])[:500])
-        return out
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(chromium() is None, reason="no headless Chromium installed")]
 
 
 @pytest.fixture(scope="module")
@@ -90,59 +34,9 @@ def page(comfy_server, tmp_path_factory):
         comfy_server.models / "seqlora" / "ui_bank.safetensors"
     )
 
-    port = free_port()
     profile = tmp_path_factory.mktemp("chromium")
-    proc = subprocess.Popen(
-        [
-            BROWSER,
-            "--headless=new",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--no-first-run",
-            f"--remote-debugging-port={port}",
-            f"--user-data-dir={profile}",
-            "--window-size=1600,1000",
-            "about:blank",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        pages = None
-        for _ in range(120):
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=2) as r:
-                    pages = [p for p in json.loads(r.read()) if p.get("type") == "page"]
-                if pages:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.5)
-        assert pages, "Chromium did not open a page"
-        cdp = CDP(pages[0]["webSocketDebuggerUrl"])
-        cdp.call("Runtime.enable")
-        cdp.call("Page.enable")
-        cdp.call("Page.navigate", url=comfy_server.url)
-        cdp.wait_js(
-            "!!(window.app && window.app.graph && window.LiteGraph && "
-            "LiteGraph.registered_node_types['SeqLoRATrainConcept'])",
-            timeout=180,
-        )
-        time.sleep(1.0)
-        for _ in range(3):  # close the first-run template browser, start from an empty graph
-            cdp.call("Input.dispatchKeyEvent", type="keyDown", key="Escape", code="Escape", windowsVirtualKeyCode=27)
-            cdp.call("Input.dispatchKeyEvent", type="keyUp", key="Escape", code="Escape", windowsVirtualKeyCode=27)
-        cdp.js(
-            "document.querySelectorAll('.p-dialog-close-button').forEach(b => b.click()); app.graph.clear(); "
-            "app.canvas.ds.offset = [0, 0]; app.canvas.ds.scale = 1; true"
-        )
+    with comfy_page(comfy_server, profile) as cdp:
         yield cdp, profile
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def test_extension_registers_once(page) -> None:
@@ -165,7 +59,7 @@ def test_train_node_chart_is_not_serialised_and_takes_loss_events(page) -> None:
                 points: n.__seqloraLoss?.points?.length ?? 0, status: n.__seqloraLoss?.status};
     })()""")
     assert "seqlora_loss_chart" in out["widgets"]
-    assert len(out["values"]) == 11, out["values"]
+    assert len(out["values"]) == 12, out["values"]
     assert out["points"] == 3 and out["status"].startswith("step 3/3")
 
 
@@ -194,8 +88,7 @@ def test_loader_lists_concepts_and_edits_the_text(page) -> None:
     time.sleep(0.5)
     cdp.js("app.graph.setDirtyCanvas(true, true); true")
     time.sleep(0.5)
-    shot = cdp.call("Page.captureScreenshot", format="png")
-    (profile / "seqlora_nodes.png").write_bytes(base64.b64decode(shot["data"]))
+    (profile / "seqlora_nodes.png").write_bytes(cdp.screenshot())
     assert not [p for p in cdp.problems() if "seqlora" in p.lower()], cdp.problems()
 
 
@@ -241,3 +134,52 @@ def test_executed_messages_fill_the_linked_list_and_the_text(page) -> None:
     assert out["rows"] == 2
     assert out["text"].startswith("2 concepts")
     assert out["values"] == [0.05]
+
+
+@pytest.mark.parametrize(
+    "name", ["seqlora_train_three_concepts", "seqlora_compose_regions", "seqlora_add_concept_to_bank"]
+)
+def test_workflow_layout_shows_every_node_and_chart_whole(page, comfy_server, name) -> None:
+    """In the real editor no node overlaps another (a Train node's loss chart is drawn at its bottom, so an
+    overlap hides it) and every node is as large as its widgets and chart need."""
+    from comfy_harness import REPO_ROOT, load_workflow, node_boxes, overlaps
+
+    cdp, _ = page
+    boxes = node_boxes(cdp, load_workflow(REPO_ROOT / "workflows" / f"{name}.json"))
+    assert overlaps(boxes) == []
+    short = [b for b in boxes if b["need_w"] > b["w"] + 1 or b["need_h"] > b["body_h"] + 1]
+    assert short == [], short
+    trains = [b for b in boxes if b["type"] == "SeqLoRATrainConcept"]
+    assert trains and all(b["need_h"] >= 130 for b in trains), "the chart is part of the Train node's size"
+
+
+def test_every_template_has_a_thumbnail_the_browser_can_show(page, comfy_server) -> None:
+    cdp, _ = page
+    names = sorted(set(comfy_server.get("/workflow_templates")["seqlora"]))
+    assert names == ["seqlora_add_concept_to_bank", "seqlora_compose_regions", "seqlora_train_three_concepts"]
+    sizes = cdp.js(f"""(async () => {{
+        const out = [];
+        for (const n of {json.dumps(names)}) {{
+            const img = new Image(); img.src = `/api/workflow_templates/seqlora/${{n}}.jpg`;
+            await img.decode(); out.push([img.naturalWidth, img.naturalHeight]);
+        }}
+        return out;
+    }})()""")
+    assert all(w >= 320 and h >= 160 for w, h in sizes), sizes
+
+
+def test_status_notices_show_on_the_train_node(page) -> None:
+    cdp, _ = page
+    out = cdp.js("""(() => {
+        const n = LiteGraph.createNode('SeqLoRATrainConcept'); app.graph.add(n);
+        const api = window.comfyAPI?.api?.api;
+        const ev = {node: String(n.id), text: 'measuring the base model', kind: 'phase'};
+        api.dispatchCustomEvent('seqlora.status', ev);
+        const phase = n.__seqloraLoss.note;
+        api.dispatchCustomEvent('seqlora.loss', {node: String(n.id), step: 1, total: 2, loss: 1.0});
+        const cleared = n.__seqloraLoss.note;
+        n.onExecuted({text: ['dog: the inputs or settings changed ...; training restarts from step 1']});
+        return {phase, cleared, notice: n.__seqloraLoss.note};
+    })()""")
+    assert out["phase"] == "measuring the base model" and out["cleared"] == ""
+    assert "restarts from step 1" in out["notice"]
