@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..seqlora_core.data.captions import make_caption, make_prior_caption
+from ..seqlora_core.data.captions import check_template, make_caption, make_prior_caption
 from ..seqlora_core.method.trainer import TrainConfig
 
 CHECKPOINT_EVERY = 25  # steps between autosaved checkpoints inside ComfyUI
@@ -68,6 +68,7 @@ def check_train_inputs(
     triggers = [t.strip() for t in phrase.split(",") if t.strip()]
     if n_images == 0:
         raise ValueError("images: no training images")
+    check_template(caption_template, "caption_template")
     caps = [make_caption(c, phrase, caption_template) for c in caption_lines(captions, n_images)]
     config = TrainConfig(
         name=name,

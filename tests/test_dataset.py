@@ -98,7 +98,7 @@ def test_corrupt_files_are_skipped_with_one_warning(tmp_path):
         ds = ConceptDataset.from_folder(tmp_path, "sks", resolution=32)
     assert len(caught) == 1
     msg = str(caught[0].message)
-    assert "broken.png" in msg and "truncated.jpg" in msg and "2 unreadable" in msg
+    assert "broken.png" in msg and "truncated.jpg" in msg and "skipped 2 unreadable" in msg
     assert len(ds) == 2 and [p.name for p in ds.skipped] == ["broken.png", "truncated.jpg"]
 
 

@@ -9,6 +9,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from pathlib import Path
 
 from ..backends import diffusers_backend
@@ -41,6 +44,23 @@ def needs_prior(bank: ConceptBank | None, config: TrainConfig) -> bool:
     return bank is None or not bank.prior or config.prior_loss_weight > 0
 
 
+def data_signature(dataset: ConceptDataset, batch_size: int, caption_template: str) -> dict:
+    """What a concept's batches are made from, for the resume key: digests of the images (pixels as read,
+    repeats) and of the captions, the resolution, the batch size and the caption template."""
+    images = hashlib.sha256()
+    for px, reps in zip(dataset.pixels_u8, dataset.repeats, strict=True):
+        images.update(f"{tuple(px.shape)}:{reps}\n".encode())
+        images.update(px.numpy().tobytes())
+    captions = hashlib.sha256(json.dumps([dataset.captions, dataset.prior_captions]).encode())
+    return {
+        "images": f"{len(dataset)} images, {images.hexdigest()[:16]}",
+        "captions": captions.hexdigest()[:16],
+        "resolution": dataset.resolution,
+        "batch_size": batch_size,
+        "caption_template": caption_template,
+    }
+
+
 def train_from_folder(
     pipe,
     folder: str | Path,
@@ -61,10 +81,12 @@ def train_from_folder(
     data order and noise follow ``config.seed``. The trigger-free prior is the toy world's own scenes
     when ``config.architecture`` is ``"toy"``, else ``prior_images`` generations of the base model for the
     concept's captions without the trigger, ``class_prompt`` and the empty prompt; it is prepared only when
-    the training reads it (:func:`needs_prior`), i.e. once per bank unless a prior loss asks for it.
+    the training reads it (:func:`needs_prior`), i.e. once per bank unless a prior loss asks for it. The
+    data's :func:`data_signature` goes into ``config.data_signature`` (the resume key).
     """
     resolution = resolution or native_resolution(pipe)
     dataset = ConceptDataset.from_folder(folder, trigger, caption_template, resolution)
+    config = dataclasses.replace(config, data_signature=data_signature(dataset, batch_size, caption_template))
     data = DiffusersConceptData(pipe, dataset, batch_size=batch_size, seed=config.seed)
     prior: BatchFn | None = None
     if needs_prior(bank, config):

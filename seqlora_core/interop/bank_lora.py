@@ -9,7 +9,9 @@ from typing import Any
 
 import torch
 
-from ..method.bank import Concept, ConceptBank, ConceptLayer
+from ..files import keep_backup
+from ..method.bank import BankError, Concept, ConceptBank, ConceptLayer, read_bank_header
+from ..method.selection import check_trigger
 from . import naming as nm
 from .families import kohya_base_version
 from .lora_read import read_lora_file
@@ -24,25 +26,65 @@ def concept_factors(bank: ConceptBank, name: str, strength: float = 1.0) -> Fact
     return {layer: (cl.A.float(), cl.B.float() * strength) for layer, cl in c.layers.items()}
 
 
+def export_target(path: str | os.PathLike, overwrite: bool = False, field: str = "out") -> Path | None:
+    """Check that a LoRA may be written to ``path``; returns the backup to make first (None: a new file).
+
+    A SeqLoRA bank is never replaced (whatever ``overwrite`` says); another existing file only with
+    ``overwrite``, and then a numbered ``.bak`` copy is kept. FileExistsError names ``field`` and the fix.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise FileExistsError(f"{field}: {path.name!r} is a folder; give a file name ending in .safetensors")
+    if not path.exists():
+        return None
+    try:
+        read_bank_header(path)
+        is_bank = True
+    except (BankError, OSError):
+        is_bank = False
+    if is_bank:
+        raise FileExistsError(
+            f"{field}: {path.name} is a SeqLoRA bank; exporting there would replace it. Give another file name"
+        )
+    if not overwrite:
+        raise FileExistsError(
+            f"{field}: {path.name} already exists; choose another file name, or allow overwriting "
+            "(the old file is then kept as a .bak copy)"
+        )
+    return path
+
+
 def export_concept(
     bank: ConceptBank,
     name: str,
     path: str | os.PathLike,
     fmt: str = "kohya",
     dtype: str = "fp16",
+    overwrite: bool = False,
 ) -> Path:
     """Write one concept as an ordinary LoRA file: kohya (`lora_unet_*`, alpha = r) or diffusers/PEFT.
 
     Trigger words go in `ss_tag_frequency` and `modelspec.trigger_phrase`; SeqLoRA facts in `seqlora_*`.
     Layer names are the bank's own: diffusers names (banks trained with diffusers) or LDM names (banks
-    trained in ComfyUI); ComfyUI, A1111 and Forge read both in kohya files.
+    trained in ComfyUI); ComfyUI, A1111 and Forge read both in kohya files. An existing file is refused
+    unless ``overwrite`` (then kept as a numbered ``.bak``); a bank file is always refused
+    (:func:`export_target`).
     """
     if fmt not in ("kohya", "peft"):
         raise ValueError(f"format: {fmt!r}; use 'kohya' (ComfyUI, A1111, Forge) or 'peft' (diffusers)")
     c = bank.concept(name)
     if fmt == "peft" and bank.layer_naming == "ldm":
         raise ValueError("format: PEFT files need diffusers layer names; export this ComfyUI-trained bank as kohya")
-    factors = {k: v for k, v in concept_factors(bank, name).items() if float(v[1].abs().max()) > 0}
+    replaced = export_target(path, overwrite)
+    factors = concept_factors(bank, name)
+    for layer, (a, b) in factors.items():
+        if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+            raise ValueError(f"concept {name!r} holds NaN or infinite values at layer {layer!r}; it cannot be exported")
+    factors = {k: v for k, v in factors.items() if float(v[1].abs().max()) > 0}
+    if not factors:
+        raise ValueError(f"concept {name!r} changes no layer (all its factors are zero); there is nothing to export")
+    if replaced is not None:
+        keep_backup(replaced)
     kernels = {s.name: s.kernel for s in bank.layers if s.kind == "conv2d"}
     extra = {
         "seqlora_concept": c.name,
@@ -107,9 +149,16 @@ def import_lora(
         else:
             a, b = torch.zeros(1, spec.in_features), torch.zeros(spec.out_features, 1)
         layers[spec.name] = ConceptLayer(a, b)
+    if triggers is None:
+        triggers = []
+        for t in file_triggers:
+            try:
+                triggers.append(check_trigger(t))
+            except ValueError as e:
+                warnings.warn(f"{path.name}: a trigger in the file's metadata is left out ({e})", stacklevel=2)
     concept = Concept(
         name,
-        list(triggers if triggers is not None else file_triggers),
+        list(triggers),
         rank,
         "imported",
         layers,
