@@ -159,6 +159,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     _positive(args.batch_size, "--batch-size")
     _positive(args.stats_batches, "--stats-batches")
     _positive(args.resolution, "--resolution", 8)
+    _positive(args.prior_images, "--prior-images")
+    if args.class_prompt is not None:
+        selection.check_trigger(args.class_prompt, "--class-prompt")
     bank_path = _suffix(args.bank, "--bank", (".safetensors",))
     if not Path(args.images).is_dir():
         raise FileNotFoundError(f"--images: image folder not found: {args.images}")

@@ -86,7 +86,10 @@ def train_from_folder(
     """
     resolution = resolution or native_resolution(pipe)
     dataset = ConceptDataset.from_folder(folder, trigger, caption_template, resolution)
-    config = dataclasses.replace(config, data_signature=data_signature(dataset, batch_size, caption_template))
+    signature = data_signature(dataset, batch_size, caption_template)
+    if needs_prior(bank, config) and config.architecture != TOY:
+        signature["prior"] = {"class_prompt": class_prompt, "images": prior_images}
+    config = dataclasses.replace(config, data_signature=signature)
     data = DiffusersConceptData(pipe, dataset, batch_size=batch_size, seed=config.seed)
     prior: BatchFn | None = None
     if needs_prior(bank, config):

@@ -98,10 +98,9 @@ def check_trigger(trigger: str, field: str = "trigger") -> str:
         raise ValueError(f"{field}: empty; give the word(s) that call the concept in prompts, e.g. 'sks dog'")
     bad = control_characters(text)
     if bad:
-        raise ValueError(f"{field}: the trigger holds control characters ({', '.join(bad[:5])}); use plain text")
+        raise ValueError(f"{field}: the text holds control characters ({', '.join(bad[:5])}); use plain text")
     if len(text) > MAX_TRIGGER:
         raise ValueError(
-            f"{field}: the trigger has {len(text)} characters; use at most {MAX_TRIGGER} "
-            "(a prompt holds 75 tokens in all)"
+            f"{field}: {len(text)} characters is too long; use at most {MAX_TRIGGER} (a prompt holds 75 tokens in all)"
         )
     return text
