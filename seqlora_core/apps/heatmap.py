@@ -11,7 +11,9 @@ MAX_SIDE = 2000  # pixels of the matrix, whatever the number of concepts
 
 
 def _colour(v: float, vmax: float) -> tuple[int, int, int]:
-    """White (0) -> orange -> dark red (vmax), on a sqrt scale."""
+    """White (0) -> orange -> dark red (vmax), on a sqrt scale; grey for a value that is not a number."""
+    if math.isnan(v) or math.isnan(vmax):
+        return (160, 160, 160)
     x = 0.0 if vmax <= 0 else min(max(v / vmax, 0.0), 1.0) ** 0.5
     stops = [(255, 255, 255), (253, 174, 97), (215, 48, 39), (103, 0, 13)]
     pos = x * (len(stops) - 1)
