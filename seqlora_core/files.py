@@ -113,7 +113,7 @@ def file_stem(text: str, field: str, suffix: str = ".safetensors") -> str:
     reserved device names. Nothing is silently replaced, so two names never give one file.
     """
     name = text.strip()
-    if name.lower().endswith(suffix):
+    if suffix and name.lower().endswith(suffix):
         name = name[: -len(suffix)].rstrip()
     example = "e.g. 'my_concepts'"
     if not name:
@@ -136,11 +136,12 @@ def file_stem(text: str, field: str, suffix: str = ".safetensors") -> str:
 
 
 def stem_for(name: str, limit: int = MAX_STEM) -> str:
-    """A file stem for a concept (or other) name: the name itself when it is a safe file name, else its
-    safe characters plus a short hash of the whole name, so distinct names never share a file."""
+    """A file stem for a concept (or other) name: the name itself when it is a safe file name in lower case,
+    else its safe characters plus a short hash of the whole name, so distinct names never share a file (on
+    file systems that ignore case too)."""
     try:
         stem = file_stem(name, "name", suffix="")
-        if len(stem) <= limit and stem == name:
+        if len(stem) <= limit and stem == name and stem == stem.lower():
             return stem
     except ValueError:
         pass

@@ -141,9 +141,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from ..data.captions import check_template
     from ..files import stem_for
-    from ..method.bank import DuplicateConceptError
+    from ..method.bank import BankError, DuplicateConceptError
     from ..method.bank_update import updating_bank
     from ..method.trainer import (
+        ResumeMismatchError,
         TrainCallbacks,
         TrainConfig,
         TrainingCancelled,
@@ -217,19 +218,26 @@ def cmd_train(args: argparse.Namespace) -> int:
                 bar.set_description(phase)
 
             callbacks = TrainCallbacks(on_step=on_step, on_phase=on_phase, should_stop=stop.should_stop)
-            new_bank = train_from_folder(
-                pipe,
-                args.images,
-                trigger,
-                cfg,
-                bank,
-                resolution=args.resolution,
-                caption_template=args.caption_template,
-                batch_size=args.batch_size,
-                callbacks=callbacks,
-                class_prompt=args.class_prompt,
-                prior_images=args.prior_images,
-            )
+            try:
+                new_bank = train_from_folder(
+                    pipe,
+                    args.images,
+                    trigger,
+                    cfg,
+                    bank,
+                    resolution=args.resolution,
+                    caption_template=args.caption_template,
+                    batch_size=args.batch_size,
+                    callbacks=callbacks,
+                    class_prompt=args.class_prompt,
+                    prior_images=args.prior_images,
+                )
+            except ResumeMismatchError as e:
+                raise ResumeMismatchError(f"{e}, or add --restart") from None
+            except ValueError as e:
+                if isinstance(e, BankError):
+                    raise
+                raise ValueError(_flag(str(e))) from e
             stop.in_loop = False
             bar.close()
             bar = None
@@ -343,7 +351,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--steps: {args.steps}; use 1..1000 sampling steps (30 is typical)")
     if not math.isfinite(args.guidance):
         raise ValueError(f"--guidance: {args.guidance}; give a finite number (7.5 is typical)")
-    chosen = parse_selection(args.concepts)
+    chosen = selection.enabled_strengths(selection.parse_selection(args.concepts, "--concepts"))
     device = _device(args.device)
     bank = ConceptBank.load(args.bank)
     for name in chosen:
