@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -68,6 +69,19 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Remove the temp files a killed :func:`atomic_write_bytes` of ``path`` left behind; call it only while
+    holding ``path``'s :class:`FileLock` (no other writer is then half-way through)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    stale = [p for p in path.parent.glob(f".{glob.escape(path.name)}.*.tmp") if p.is_file()]
+    for p in stale:
+        with contextlib.suppress(OSError):
+            p.unlink()
+    return stale
 
 
 def keep_backup(path: str | os.PathLike) -> Path | None:

@@ -140,7 +140,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..data.captions import check_template
-    from ..files import stem_for
+    from ..files import remove_stale_temps, stem_for
     from ..method.bank import BankError, DuplicateConceptError
     from ..method.bank_update import updating_bank
     from ..method.trainer import (
@@ -193,6 +193,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         with stop, updating_bank(bank_path, f"training {name!r}") as update:
             bank = update.bank
+            remove_stale_temps(cfg.checkpoint_path)  # what a killed run left half-written
             if finished_into(bank, cfg):
                 discard_checkpoint(cfg)
                 print(f"{name!r} is already in {bank_path} (its run wrote the bank); removed its progress file")

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..files import FileBusyError, FileLock, keep_backup
+from ..files import FileBusyError, FileLock, keep_backup, remove_stale_temps
 from .bank import BankError, BankMismatchError, ConceptBank, header_digest
 
 
@@ -75,6 +75,7 @@ def updating_bank(path: str | os.PathLike, purpose: str = "", wait: float = 0.0)
     except FileBusyError as e:
         raise BankBusyError(f"bank {e}") from None
     try:
+        remove_stale_temps(path)
         digest = header_digest(path)
         bank = ConceptBank.load(path) if digest is not None else None
         if bank is not None:

@@ -604,7 +604,7 @@ class _Run:
             if cfg.prior_loss_weight > 0 and self.prior_batches is not None:
                 total = loss + cfg.prior_loss_weight * self.loss_fn(self.model, self.prior_batches(self.step))
         if not torch.isfinite(total):
-            raise _diverged(self, f"the loss is {float(total)} at step {self.step + 1}", self.step == 0)
+            raise _diverged(self, f"the loss is {float(total.detach())} at step {self.step + 1}", self.step == 0)
         total.backward()
         return loss
 
