@@ -22,55 +22,16 @@ from seqlora_core.method.bank import (
     FORMAT_TAG,
     BankError,
     BankFormatError,
-    Concept,
     ConceptBank,
-    ConceptLayer,
     read_bank_header,
 )
 from seqlora_core.method.bank_schema import MAX_CONCEPTS
 from seqlora_core.method.report import build_report, report_text
-from seqlora_core.method.stats import Sketch
-from seqlora_core.method.targets import find_targets
-from tests._unet import tiny_unet
+from tests._banks import synthetic_bank
 
 FUZZ = settings(
     max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture], database=None
 )
-
-
-def _orthonormal(rows: int, n: int, g: torch.Generator) -> torch.Tensor:
-    return torch.linalg.qr(torch.randn(n, rows, generator=g))[0].T.contiguous()
-
-
-def synthetic_bank(concepts: int = 2) -> ConceptBank:
-    """A valid bank over a tiny UNet's attention layers, with every optional part filled in."""
-    g = torch.Generator().manual_seed(0)
-    specs = find_targets(tiny_unet(), "attn")[:4]
-    prior = {}
-    for s in specs:
-        prior[s.name] = Sketch(_orthonormal(3, s.in_features, g).T.contiguous(), torch.rand(3, generator=g), 5.0)
-    cs = []
-    for i in range(concepts):
-        layers = {}
-        for s in specs:
-            layers[s.name] = ConceptLayer(
-                _orthonormal(2, s.in_features, g),
-                torch.randn(s.out_features, 2, generator=g) * 0.1,
-                Sketch(_orthonormal(3, s.in_features, g).T.contiguous(), torch.rand(3, generator=g) + 0.1, 4.0),
-                i == 1,
-                None,
-                {"protected": 3, "energy": 0.9, "free": 20},
-            )
-        info = {
-            "self_energy": 1.0,
-            "received_interference": {f"c{j}": 0.01 for j in range(i)},
-            "delta_norm_ratio": {"mean": 0.1, "max": 0.2},
-            "budget": {"budget": 0.05, "achieved": 0.01, "met": True, "layers_over": 0, "layers": 4},
-            "config": {"steps": 3},
-        }
-        timings = {"total_s": 1.0}
-        cs.append(Concept(f"c{i}", [f"tok{i} thing"], 2, "seqlora", layers, "trained", [1.0, 0.5], timings, info))
-    return ConceptBank(specs, "diffusers", "sd15", prior, cs, {"weight_norms": {s.name: 3.0 for s in specs}})
 
 
 @pytest.fixture(scope="module")

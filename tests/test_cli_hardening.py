@@ -19,7 +19,7 @@ from safetensors.torch import save as st_save
 from seqlora_core.apps.cli import main
 from seqlora_core.interop.bank_lora import export_concept
 from seqlora_core.method.bank import ConceptBank
-from tests.test_bank_fuzz import synthetic_bank
+from tests._banks import first_bank, synthetic_bank
 
 
 def digests(folder: Path) -> dict[str, str]:
@@ -252,8 +252,7 @@ def trained_base(tmp_path_factory) -> tuple[Path, Path, ConceptBank]:
     make_images(root / "img", 1)
     make_images(root / "first_img", 0)
     first = root / "first.safetensors"
-    args = ["train", "--base", "tiny", "--images", str(root / "first_img"), "--trigger", "sks cat"]
-    assert main([*args, "--bank", str(first), *TRAIN, "--prior-images", "1"]) == 0
+    first_bank(root / "first_img", first)
     straight = root / "straight.safetensors"
     straight.write_bytes(first.read_bytes())
     assert main(_args(root, str(straight))) == 0

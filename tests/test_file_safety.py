@@ -27,7 +27,7 @@ from seqlora_core.files import (
 )
 from seqlora_core.method.bank import ConceptBank, header_digest
 from seqlora_core.method.bank_update import BankBusyError, BankChangedError, updating_bank
-from tests.test_bank_fuzz import synthetic_bank
+from tests._banks import synthetic_bank
 
 ROOT = Path(__file__).resolve().parents[1]
 
