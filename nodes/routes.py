@@ -20,6 +20,10 @@ async def bank_info(request: web.Request) -> web.Response:
         return web.json_response({"error": "missing ?file=<bank file in models/seqlora>"}, status=400)
     if len(name) > MAX_NAME or any(ord(ch) < 32 for ch in name):
         return web.json_response({"error": "file: not a bank file name"}, status=400)
+    if name not in bankfiles.list_banks():
+        return web.json_response(
+            {"error": "file: no such bank in models/seqlora; give a file name as the bank list shows it"}, status=404
+        )
     try:
         path = bankfiles.bank_path(name)
     except FileNotFoundError as e:

@@ -30,7 +30,7 @@ from seqlora_core.method.report import build_report, report_text
 from tests._banks import synthetic_bank
 
 FUZZ = settings(
-    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture], database=None
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture], database=None
 )
 
 
@@ -92,6 +92,7 @@ JSON_VALUES = st.one_of(
 )
 
 
+@pytest.mark.slow
 @FUZZ
 @given(data=st.data())
 def test_mutated_headers_are_refused_or_valid(bank_file: Path, tmp_path: Path, data) -> None:
@@ -117,6 +118,7 @@ def test_mutated_headers_are_refused_or_valid(bank_file: Path, tmp_path: Path, d
 TENSOR_OPS = ("nan", "inf", "int", "bool", "half", "drop_row", "transpose", "extra_dim", "empty", "delete", "huge")
 
 
+@pytest.mark.slow
 @FUZZ
 @given(data=st.data())
 def test_mutated_tensors_are_refused_or_valid(bank_file: Path, tmp_path: Path, data) -> None:
@@ -157,6 +159,7 @@ def test_mutated_tensors_are_refused_or_valid(bank_file: Path, tmp_path: Path, d
         assert outcome == "refused", (key, op)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(cut=st.integers(min_value=0, max_value=10**9), flips=st.lists(st.integers(0, 10**9), max_size=6))
 def test_truncated_and_bit_flipped_files_are_refused_or_valid(bank_file: Path, tmp_path: Path, cut, flips) -> None:
@@ -169,6 +172,7 @@ def test_truncated_and_bit_flipped_files_are_refused_or_valid(bank_file: Path, t
     _must_be_clear_or_valid(path)
 
 
+@pytest.mark.slow
 def test_a_header_of_200k_empty_concepts_is_refused_quickly_and_in_little_memory(bank_file, tmp_path) -> None:
     """The attack from the report: a 16 MB header with 200,000 concepts used to load and then make the
     report build an N x N table until the kernel killed it."""
@@ -237,6 +241,7 @@ def lora_file(tmp_path_factory) -> tuple[ConceptBank, Path]:
 LORA_OPS = ("nan", "inf", "int", "rank0", "vector_alpha", "nan_alpha", "drop_row", "extra_dim", "delete", "3d")
 
 
+@pytest.mark.slow
 @FUZZ
 @given(data=st.data())
 def test_mutated_lora_files_import_or_give_a_clear_error(lora_file, tmp_path: Path, data) -> None:
