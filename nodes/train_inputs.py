@@ -42,6 +42,23 @@ def caption_lines(captions: str | None, n_images: int) -> list[str]:
     return lines or [""] * n_images
 
 
+# TrainConfig's field names -> the node's input names, for messages
+INPUT_NAMES = {
+    "name": "concept_name",
+    "triggers": "trigger_words",
+    "lr": "learning_rate",
+    "budget": "interference_budget",
+    "targets": "target_preset",
+}
+
+
+def _input_name(message: str) -> str:
+    """A TrainConfig message ('lr: ...') with the node input's name ('learning_rate: ...')."""
+    field, sep, rest = message.partition(": ")
+    key = field.split("[")[0]
+    return f"{INPUT_NAMES[key]}: {rest}" if sep and key in INPUT_NAMES else message
+
+
 def check_train_inputs(
     n_images: int,
     concept_name: str,
@@ -84,5 +101,8 @@ def check_train_inputs(
         architecture=architecture,
         checkpoint_every=CHECKPOINT_EVERY,
     )
-    config.validate()
+    try:
+        config.validate()
+    except ValueError as e:
+        raise ValueError(_input_name(str(e))) from None
     return TrainRequest(config, phrase, caps, [make_prior_caption(c, phrase) for c in caps], int(batch_size))
