@@ -187,7 +187,7 @@ class SeqLoRAImageFolder:
     @classmethod
     def IS_CHANGED(cls, folder: str, resolution: int) -> str:
         try:
-            return f"{resolution}:{folder_signature(bankfiles.image_folder(folder))}"
+            return f"{resolution}:{folder_signature(bankfiles.image_folder(folder), confine=True)}"
         except (OSError, ValueError):
             return "missing"
 

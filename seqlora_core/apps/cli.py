@@ -122,6 +122,7 @@ class StopOnSignal:
         self.signal = signum
         if not (first and self.in_loop):
             raise KeyboardInterrupt
+        print("\nstopping after this step to save the progress (Ctrl-C again stops at once)", file=sys.stderr)
 
     def should_stop(self) -> bool:
         return self.signal is not None

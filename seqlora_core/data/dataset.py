@@ -267,13 +267,17 @@ def _image_files(folder: Path) -> list[Path]:
     )
 
 
-def folder_signature(path: str | Path) -> str:
+def folder_signature(path: str | Path, confine: bool = False) -> str:
     """A digest of what :meth:`ConceptDataset.from_folder` would read (names, sizes and times of the images and
-    their captions): cheap, bounded by the folder limits, for hosts that ask 'has this folder changed?'."""
+    their captions): cheap, bounded by the folder limits, for hosts that ask 'has this folder changed?'.
+    ``confine``: as in ``from_folder``, nothing that links lead out of the folder is looked at."""
     root = Path(path)
+    inside = _Confinement(root) if confine else None
     h = hashlib.sha256()
-    for file, reps in _list_images(root):
+    for file, reps in _list_images(root, inside):
         for p in (file, file.with_suffix(".txt")):
+            if inside is not None and p.exists() and not inside.holds(p):
+                continue
             try:
                 st = p.stat()
             except OSError:
