@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -30,9 +31,10 @@ def digests(folder: Path) -> dict[str, str]:
     }
 
 
-@pytest.fixture()
-def files(tmp_path: Path) -> Path:
+@pytest.fixture(scope="module")
+def made_files(tmp_path_factory) -> Path:
     """A bank, a LoRA, a hostile bank, a NaN LoRA and an image folder."""
+    tmp_path = tmp_path_factory.mktemp("inputs")
     bank = synthetic_bank()
     bank.save(tmp_path / "bank.safetensors")
     synthetic_bank(3).save(tmp_path / "other_bank.safetensors")
@@ -50,6 +52,12 @@ def files(tmp_path: Path) -> Path:
     (tmp_path / "hostile.safetensors").write_bytes(st_save(raw, metadata=meta))
     make_images(tmp_path / "img", 0)
     return tmp_path
+
+
+@pytest.fixture()
+def files(made_files: Path, tmp_path: Path) -> Path:
+    """A fresh copy of :func:`made_files` for one test."""
+    return Path(shutil.copytree(made_files, tmp_path / "files"))
 
 
 def _train(*extra: str) -> list[str]:
@@ -219,6 +227,7 @@ def test_remove_drops_a_concept_and_keeps_the_previous_version(files, monkeypatc
     assert (files / "bank.safetensors.bak").read_bytes() == old
 
 
+@pytest.mark.slow
 def test_a_pickle_base_is_refused_unless_allowed(tmp_path, monkeypatch, capsys) -> None:
     from seqlora_core.backends.diffusers_backend import load_pipeline
     from seqlora_core.backends.tiny import build_tiny_pipeline
