@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import folder_paths
+
+from ..seqlora_core import files
+from ..seqlora_core.files import stem_for
 
 FOLDER = "seqlora"
 EXTENSIONS = {".safetensors"}
@@ -37,12 +39,10 @@ def list_banks() -> list[str]:
 
 
 def bank_path(name: str) -> Path:
-    """Full path of a listed bank file; FileNotFoundError names the folder when it is missing."""
-    path = folder_paths.get_full_path(FOLDER, name)
+    """Full path of a listed bank file; FileNotFoundError (with no absolute path) when it is not listed."""
+    path = folder_paths.get_full_path(FOLDER, name) if name in list_banks() else None
     if path is None:
-        raise FileNotFoundError(
-            f"bank file {name!r} not found in models/{FOLDER} ({', '.join(folder_paths.get_folder_paths(FOLDER))})"
-        )
+        raise FileNotFoundError(f"bank file {name!r} not found in models/{FOLDER}; choose one of the listed banks")
     return Path(path)
 
 
@@ -77,20 +77,44 @@ def bank_summary(header: dict[str, Any]) -> dict[str, Any]:
 
 
 def safe_name(name: str, what: str) -> str:
-    """A file name without folders or odd characters; ValueError when nothing usable is left."""
-    base = os.path.basename(name.strip().replace("\\", "/"))
-    if base.endswith(".safetensors"):
-        base = base[: -len(".safetensors")]
-    base = "".join(ch if ch.isalnum() or ch in "-_. " else "_" for ch in base).strip(" .")
-    if not base:
-        raise ValueError(f"{what}: empty file name; give a name such as 'my_concepts'")
-    return base + ".safetensors"
+    """A file name for a name that is not a file name (a concept's): the name itself when it is a safe file
+    name, else its safe characters and a short hash, so distinct names never share a file
+    (``seqlora_core.files.stem_for``); ValueError when it is empty."""
+    if not name.strip():
+        raise ValueError(f"{what}: empty; give a name such as 'my_concepts'")
+    return stem_for(name.strip()) + ".safetensors"
 
 
 def keep_backup(path: Path) -> Path | None:
-    """Copy an existing file to ``<file>.bak`` before it is replaced; returns the backup path."""
-    if not path.is_file():
-        return None
-    bak = path.with_name(path.name + ".bak")
-    shutil.copy2(path, bak)
-    return bak
+    """Copy an existing file to ``<file>.bak`` (``.bak2``, ... when taken) before it is replaced."""
+    return files.keep_backup(path)
+
+
+IMAGE_ROOTS = "seqlora_images"  # an extra_model_paths.yaml key: more folders the Image Folder node may read
+
+
+def image_roots() -> list[Path]:
+    """The folders training images may come from: ``input/seqlora`` and what extra_model_paths names."""
+    roots = [Path(folder_paths.get_input_directory()) / FOLDER]
+    if IMAGE_ROOTS in folder_paths.folder_names_and_paths:
+        roots += [Path(p) for p in folder_paths.folder_names_and_paths[IMAGE_ROOTS][0]]
+    return roots
+
+
+def image_folder(text: str) -> Path:
+    """The concept folder the Image Folder node's ``folder`` names: relative to ComfyUI's input folder (or
+    absolute), and only inside :func:`image_roots`, links resolved (``seqlora_core.files.folder_inside``)."""
+    shown = f"ComfyUI's input/{FOLDER} folder" + (
+        f" or the {IMAGE_ROOTS} folders of extra_model_paths.yaml" if len(image_roots()) > 1 else ""
+    )
+    base = Path(folder_paths.get_input_directory())
+    return files.folder_inside(text, base, image_roots(), "folder", shown, "image folder")
+
+
+def public_message(message: str, path: Path, name: str) -> str:
+    """``message`` with the absolute path of a bank file and its folders replaced by their names in
+    models/seqlora (what an HTTP client may see)."""
+    out = message.replace(str(path), name)
+    for folder in folder_paths.get_folder_paths(FOLDER):
+        out = out.replace(str(folder), f"models/{FOLDER}")
+    return out

@@ -7,9 +7,7 @@ names of ``diffusion_model``; a bank trained elsewhere with diffusers names is r
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
-import os
 import time
 import warnings
 from pathlib import Path
@@ -23,13 +21,15 @@ from PIL import Image
 
 from ..seqlora_core.apps.heatmap import heatmap_image
 from ..seqlora_core.data.captions import caption_line
-from ..seqlora_core.data.dataset import ConceptDataset
+from ..seqlora_core.data.dataset import ConceptDataset, folder_signature
+from ..seqlora_core.files import FileLock, file_stem, keep_backup, numbered_path, stem_for
 from ..seqlora_core.interop.families import check_bank_fits, family_from_comfy
 from ..seqlora_core.interop.naming import STRUCTURE_META, structure_to_meta, unet_structure
 from ..seqlora_core.method.bank import ConceptBank
 from ..seqlora_core.method.report import build_report, report_text
 from ..seqlora_core.method.selection import check_strengths, enabled_strengths, parse_selection
 from ..seqlora_core.method.targets import find_targets
+from ..seqlora_core.method.trainer import discard_checkpoint
 from . import bankfiles, schema
 from .autosave import KEY_FIELD, Autosave, bank_digest, reusable_concept, training_key
 from .comfy_patches import apply_bypass, apply_merged, strip_concepts
@@ -192,6 +192,7 @@ class SeqLoRATrainConcept:
             start = self._with_base_prior(base, clip, start, data, request, class_prompt, unique_id)
         new_bank = train_in_comfy(base, data, request, start, unique_id, weighting)
         autosave.store(new_bank)
+        discard_checkpoint(request.config)  # only now: the finished bank is on disk
         return self._outputs(base, new_bank, request.name, notes)
 
     @staticmethod
@@ -226,21 +227,6 @@ class SeqLoRATrainConcept:
 # --------------------------------------------------------------------------- dataset
 
 
-def _resolve_folder(folder: str) -> Path:
-    text = folder.strip()
-    if not text:
-        raise ValueError("folder: empty; give a folder of training images")
-    p = Path(os.path.expanduser(text))
-    if not p.is_absolute():
-        p = Path(folder_paths.get_input_directory()) / p
-    if not p.is_dir():
-        raise FileNotFoundError(
-            f"image folder not found: {text!r} (looked in {p}); put the concept's images in "
-            f"a folder under ComfyUI's input folder or give an absolute path"
-        )
-    return p
-
-
 def folder_summary(images: int, count: int, skipped: list[str]) -> str:
     """What the Image Folder node read, and every file it skipped (shown on the node)."""
     text = f"{images} image{'s' if images != 1 else ''}"
@@ -253,24 +239,22 @@ def folder_summary(images: int, count: int, skipped: list[str]) -> str:
 
 @_configure(schema.IMAGE_FOLDER)
 class SeqLoRAImageFolder:
+    """Reads only inside ``bankfiles.image_roots()`` (``input/seqlora`` and extra_model_paths' folders)."""
+
     @classmethod
     def IS_CHANGED(cls, folder: str, resolution: int) -> str:
         try:
-            root = _resolve_folder(folder)
+            return f"{resolution}:{folder_signature(bankfiles.image_folder(folder), confine=True)}"
         except (OSError, ValueError):
             return "missing"
-        h = hashlib.sha256(str(resolution).encode())
-        for p in sorted(root.rglob("*")):
-            if p.is_file():
-                st = p.stat()
-                h.update(f"{p.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}".encode())
-        return h.hexdigest()
 
     def run(self, folder: str, resolution: int):
-        root = _resolve_folder(folder)
+        root = bankfiles.image_folder(folder)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the skipped files are listed in the node's output instead
-            ds = ConceptDataset.from_folder(root, trigger="concept", caption_template="", resolution=int(resolution))
+            ds = ConceptDataset.from_folder(
+                root, trigger="concept", caption_template="", resolution=int(resolution), confine=True
+            )
         idx = ds.weighted_indices()
         pixels = torch.stack([ds.pixels_u8[i].permute(1, 2, 0) for i in idx]).float() / 255.0
         lines = [caption_line(ds.given_captions[i]) for i in idx]
@@ -351,37 +335,54 @@ class SeqLoRALoadBank:
 
 @_configure(schema.SAVE_BANK)
 class SeqLoRASaveBank:
+    """Never loses a file: a taken name gets the next number, or with overwrite a .bak copy is kept first."""
+
     def run(self, bank: ConceptBank, name: str, overwrite: bool):
-        path = bankfiles.bank_dir() / bankfiles.safe_name(name, "name")
-        if path.exists() and not overwrite:
-            raise FileExistsError(
-                f"{path.name} already exists in models/seqlora; turn on overwrite or choose another name"
-            )
-        bankfiles.keep_backup(path)
-        bank.save(path)
-        text = f"saved {path.name}: {len(bank.concepts)} concepts ({', '.join(bank.names())})"
+        folder = bankfiles.bank_dir()
+        stem = file_stem(name, "name")
+        wanted = folder / f"{stem}.safetensors"
+        with FileLock(wanted, "SeqLoRA Save Bank"):
+            backup = keep_backup(wanted) if overwrite else None
+            path = wanted if overwrite else numbered_path(folder, stem, ".safetensors")
+            bank.save(path)
+        folder_paths.filename_list_cache.pop(bankfiles.FOLDER, None)
+        text = f"saved {path.name}: {len(bank.concepts)} concepts ({', '.join(bank.names()) or 'none'})"
+        if backup is not None:
+            text += f"; the previous file is kept as {backup.name}"
+        elif path != wanted:
+            text += f" ({wanted.name} exists; turn on overwrite to replace it)"
         return {"ui": {"text": [text]}, "result": (str(path),)}
 
 
 @_configure(schema.EXPORT)
 class SeqLoRAExportLoRA:
     def run(self, bank: ConceptBank, concept_name: str, filename: str, dtype: str, overwrite: bool):
-        from ..seqlora_core.interop.bank_lora import export_concept
+        from ..seqlora_core.interop.bank_lora import export_concept, export_target
 
         if not bank.concepts:
             raise ValueError("bank: it has no concepts to export")
         name = concept_name.strip() or bank.names()[-1]
         concept = bank.concept(name)
         out_dir = Path(folder_paths.get_folder_paths("loras")[0])
-        path = out_dir / bankfiles.safe_name(filename.strip() or name, "filename")
-        if path.exists() and not overwrite:
-            raise FileExistsError(
-                f"{path.name} already exists in models/loras; turn on overwrite or choose another file name"
-            )
-        export_concept(bank, name, path, "kohya", dtype)
+        stem = file_stem(filename, "filename") if filename.strip() else stem_for(name)
+        path = out_dir / f"{stem}.safetensors"
+        with FileLock(path, "SeqLoRA Export LoRA"):
+            replaced = export_target(path, overwrite, "filename")
+            export_concept(bank, name, path, "kohya", dtype, overwrite=overwrite)
         folder_paths.filename_list_cache.pop("loras", None)
         text = f"exported {name!r} to models/loras/{path.name} (triggers: {', '.join(concept.triggers)})"
+        if replaced is not None:
+            text += "; the previous file is kept as a .bak copy"
         return {"ui": {"text": [text]}, "result": (str(path),)}
+
+
+@_configure(schema.REMOVE)
+class SeqLoRARemoveConcept:
+    def run(self, bank: ConceptBank, concept_name: str):
+        name = concept_name.strip()
+        if not name:
+            raise ValueError(f"concept_name: empty; give one of: {', '.join(bank.names()) or 'no concepts'}")
+        return (bank.without(name),)
 
 
 @_configure(schema.REPORT)
@@ -408,6 +409,7 @@ NODE_CLASS_MAPPINGS = {
         SeqLoRASaveBank,
         SeqLoRAExportLoRA,
         SeqLoRAInterferenceReport,
+        SeqLoRARemoveConcept,
     )
 }
 NODE_DISPLAY_NAME_MAPPINGS = {k: v.SPEC.display_name for k, v in NODE_CLASS_MAPPINGS.items()}

@@ -259,7 +259,9 @@ IMAGE_FOLDER = NodeSpec(
         Inp(
             "folder",
             "STRING",
-            "Folder of training images: absolute, or relative to ComfyUI's input folder.",
+            "Folder of training images inside ComfyUI's input/seqlora folder, e.g. 'seqlora/my_concept' "
+            "(or an absolute path inside a folder that extra_model_paths.yaml lists as seqlora_images). "
+            "Nothing outside these folders is read, links included.",
             default="seqlora/my_concept",
         ),
         Inp(
@@ -329,16 +331,17 @@ LOAD_BANK = NodeSpec(
 SAVE_BANK = NodeSpec(
     "SeqLoRASaveBank",
     "SeqLoRA Save Bank",
-    "Save a concept bank to models/seqlora (atomic write; the previous file is kept as .bak).",
+    "Save a concept bank to models/seqlora (atomic write). An existing file is never lost: the bank goes "
+    "to a new numbered name (name_00001, ...) unless overwrite is on, which keeps the old file as a .bak.",
     (
         Inp("bank", BANK, "The bank to save."),
         Inp("name", "STRING", "File name in models/seqlora ('.safetensors' is added).", default="my_concepts"),
         Inp(
             "overwrite",
             "BOOLEAN",
-            "Replace an existing file of that name (its old version is kept as "
-            "<name>.safetensors.bak). Off: refuse if the file exists.",
-            default=True,
+            "On: replace an existing file of that name (its old version is kept as <name>.safetensors.bak, "
+            ".bak2, ...). Off: when the name is taken, save under the next free numbered name.",
+            default=False,
         ),
     ),
     (Out("STRING", "path", "Where the bank was written."),),
@@ -361,10 +364,28 @@ EXPORT = NodeSpec(
             default="fp16",
             choices=("fp16", "bf16", "fp32"),
         ),
-        Inp("overwrite", "BOOLEAN", "Replace an existing file of that name. Off: refuse if it exists.", default=True),
+        Inp(
+            "overwrite",
+            "BOOLEAN",
+            "On: replace an existing file of that name (the old one is kept as a .bak copy). Off: refuse if "
+            "it exists. A SeqLoRA bank is never replaced.",
+            default=False,
+        ),
     ),
     (Out("STRING", "path", "Where the LoRA was written."),),
     output_node=True,
+)
+
+REMOVE = NodeSpec(
+    "SeqLoRARemoveConcept",
+    "SeqLoRA Remove Concept",
+    "Drop one concept from a bank; the later concepts stay as they are. Save the result with Save Bank "
+    "(a new numbered file unless overwrite is on), so the previous version is kept.",
+    (
+        Inp("bank", BANK, "The bank to remove the concept from."),
+        Inp("concept_name", "STRING", "Name of the concept to remove.", default=""),
+    ),
+    (Out(BANK, "bank", "The bank without that concept."),),
 )
 
 REPORT = NodeSpec(
@@ -391,5 +412,5 @@ REPORT = NodeSpec(
     output_node=True,
 )
 
-NODES: tuple[NodeSpec, ...] = (TRAIN, IMAGE_FOLDER, LOADER, LOAD_BANK, SAVE_BANK, EXPORT, REPORT)
+NODES: tuple[NodeSpec, ...] = (TRAIN, IMAGE_FOLDER, LOADER, LOAD_BANK, SAVE_BANK, EXPORT, REPORT, REMOVE)
 BY_ID: dict[str, NodeSpec] = {n.node_id: n for n in NODES}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..seqlora_core.data.captions import make_caption
+from ..seqlora_core.data.captions import check_template, make_caption, make_prior_caption
 from ..seqlora_core.method.trainer import TrainConfig
 
 CHECKPOINT_EVERY = 25  # steps between autosaved checkpoints inside ComfyUI
@@ -41,6 +41,23 @@ def caption_lines(captions: str | None, n_images: int) -> list[str]:
     return lines or [""] * n_images
 
 
+# TrainConfig's field names -> the node's input names, for messages
+INPUT_NAMES = {
+    "name": "concept_name",
+    "triggers": "trigger_words",
+    "lr": "learning_rate",
+    "budget": "interference_budget",
+    "targets": "target_preset",
+}
+
+
+def _input_name(message: str) -> str:
+    """A TrainConfig message ('lr: ...') with the node input's name ('learning_rate: ...')."""
+    field, sep, rest = message.partition(": ")
+    key = field.split("[")[0]
+    return f"{INPUT_NAMES[key]}: {rest}" if sep and key in INPUT_NAMES else message
+
+
 def check_train_inputs(
     n_images: int,
     concept_name: str,
@@ -67,6 +84,7 @@ def check_train_inputs(
     triggers = [t.strip() for t in phrase.split(",") if t.strip()]
     if n_images == 0:
         raise ValueError("images: no training images")
+    check_template(caption_template, "caption_template")
     caps = [make_caption(c, phrase, caption_template) for c in caption_lines(captions, n_images)]
     config = TrainConfig(
         name=name,
@@ -82,5 +100,8 @@ def check_train_inputs(
         architecture=architecture,
         checkpoint_every=CHECKPOINT_EVERY,
     )
-    config.validate()
-    return TrainRequest(config, phrase, caps, int(batch_size))
+    try:
+        config.validate()
+    except ValueError as e:
+        raise ValueError(_input_name(str(e))) from None
+    return TrainRequest(config, phrase, caps, [make_prior_caption(c, phrase) for c in caps], int(batch_size))

@@ -98,7 +98,7 @@ def test_corrupt_files_are_skipped_with_one_warning(tmp_path):
         ds = ConceptDataset.from_folder(tmp_path, "sks", resolution=32)
     assert len(caught) == 1
     msg = str(caught[0].message)
-    assert "broken.png" in msg and "truncated.jpg" in msg and "2 unreadable" in msg
+    assert "broken.png" in msg and "truncated.jpg" in msg and "skipped 2 unreadable" in msg
     assert len(ds) == 2 and [p.name for p in ds.skipped] == ["broken.png", "truncated.jpg"]
 
 
@@ -209,3 +209,26 @@ def test_zero_repeat_prefix(tmp_path):
     save(noise_image(32, 32, 1), tmp_path / "0_7" / "0_off" / "skipped.png")
     ds = ConceptDataset.from_folder(tmp_path / "0_7", "sks", resolution=32)
     assert [p.name for p in ds.paths] == ["own.png"] and ds.weighted_indices() == [0]
+
+
+def test_utf16_captions_without_a_byte_order_mark_are_read(tmp_path):
+    concept_folder(tmp_path, [(32, 32), (32, 32)])
+    (tmp_path / "img0.txt").write_bytes("zq dog on grass".encode("utf-16-le"))
+    (tmp_path / "img1.txt").write_bytes("zq dog in snow".encode("utf-16-be"))
+    ds = ConceptDataset.from_folder(tmp_path, "zq dog", resolution=32)
+    assert ds.given_captions == ["zq dog on grass", "zq dog in snow"]
+
+
+def test_an_image_over_the_size_limit_is_called_too_large(tmp_path, monkeypatch):
+    concept_folder(tmp_path, [(32, 32), (64, 64)])
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1500)  # 64 x 64 is over twice this: a decompression bomb
+    with pytest.warns(UserWarning) as caught:
+        ds = ConceptDataset.from_folder(tmp_path, "zq", resolution=32)
+    msg = " ".join(str(w.message) for w in caught)
+    assert "img1.png: too large" in msg and "downscale it" in msg and len(ds) == 1
+
+
+def test_a_caption_template_with_other_placeholders_is_refused(tmp_path):
+    concept_folder(tmp_path, [(32, 32)])
+    with pytest.raises(ValueError, match="caption_template: 'a {thing}' names {thing}"):
+        ConceptDataset.from_folder(tmp_path, "zq", caption_template="a {thing}", resolution=32)

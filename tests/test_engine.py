@@ -16,6 +16,7 @@ from seqlora_core import (
     train_concept,
 )
 from seqlora_core.method.adapters import AdapterLayer
+from seqlora_core.method.trainer import discard_checkpoint
 from tests._unet import ToyConcept, denoise_loss, tiny_unet
 
 
@@ -166,7 +167,9 @@ def test_interrupted_run_resumes_to_the_same_bank(tmp_path):
         other = resumed.concepts[0].layers[name]
         assert torch.equal(cl.A, other.A) and torch.equal(cl.B, other.B), name
     assert ref.concepts[0].loss_curve == resumed.concepts[0].loss_curve
-    assert not (tmp_path / "c0.partial.safetensors").exists(), "a finished concept removes its checkpoint"
+    assert (tmp_path / "c0.partial.safetensors").exists(), "the checkpoint stays until the caller has saved the bank"
+    discard_checkpoint(cfg)
+    assert not (tmp_path / "c0.partial.safetensors").exists()
 
 
 @pytest.mark.slow

@@ -54,6 +54,7 @@ def test_every_node_is_described(schema) -> None:
         "SeqLoRASaveBank",
         "SeqLoRAExportLoRA",
         "SeqLoRAInterferenceReport",
+        "SeqLoRARemoveConcept",
     }
     for node in schema.NODES:
         assert node.node_id.startswith("SeqLoRA") and node.display_name.startswith("SeqLoRA ")

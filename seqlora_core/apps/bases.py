@@ -19,12 +19,16 @@ BASES_HELP = "'toy' (the embedded toy world), 'tiny' (random, for tests), a diff
 
 
 def load_base(
-    base: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None, config: str | None = None
+    base: str,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    config: str | None = None,
+    allow_pickle: bool = False,
 ) -> Any:
     """The pipeline ``base`` names, frozen and in eval mode, on ``device``; nothing is ever downloaded.
 
     ``config`` (single files only): a local diffusers folder of the same architecture (see
-    ``load_pipeline``).
+    ``load_pipeline``). ``allow_pickle``: read a diffusers folder whose weights are pickle files.
     """
     from ..backends import diffusers_backend as db
 
@@ -39,7 +43,7 @@ def load_base(
         if dtype is not None:
             pipe.to(dtype=dtype)
     else:
-        return db.load_pipeline(base, dtype, device, config)
+        return db.load_pipeline(base, dtype, device, config, allow_pickle)
     return db.ready_for_training(pipe, device)
 
 

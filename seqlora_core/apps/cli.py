@@ -1,10 +1,17 @@
-"""``python -m seqlora_core``: train concepts one after another, report, export, import, generate, demo."""
+"""``python -m seqlora_core``: train concepts one after another, report, export, import, remove, generate, demo.
+
+Every bad input is an ``error: <flag>: <what and the fix>`` line and exit code 2; Ctrl-C or SIGTERM during
+training saves its progress (exit code 130 or 143) and the same command resumes it. A bank is changed only
+under its lock, and only ever replaced by a newer version of itself.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -14,33 +21,155 @@ from ..method.methods import METHODS
 from ..method.targets import PRESETS
 from .bases import BASES_HELP, TOY
 
+ALLOW_PICKLE_HELP = (
+    "read a diffusers --base whose weights are pickle files (.bin): only for models you trust, as loading "
+    "pickle can run code"
+)
+
+
+EXIT_ERROR = 2
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
 
 def _device(arg: str | None) -> str:
+    """The device to run on: ``--device`` checked (ValueError naming it), else CUDA when there is one."""
     import torch
 
-    return arg or ("cuda" if torch.cuda.is_available() else "cpu")
+    if arg is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(arg)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device: {arg!r} is not a device; use cpu or cuda (cuda:0, cuda:1, ...)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"--device: {arg!r} was asked for, but this torch build sees no CUDA device; use --device cpu, "
+                "or install a CUDA build of torch"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device: {arg!r}; this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device: {arg!r}; no Apple GPU (MPS) is available here; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device: {arg!r} is not supported; use cpu or cuda")
+    return arg
 
 
-def _load_bank(path: Path):
-    from ..method.bank import ConceptBank
+def _flag(message: str) -> str:
+    """A TrainConfig message ('lr: ...') with the command-line flag's name ('--lr: ...')."""
+    field, sep, rest = message.partition(": ")
+    flags = {"lr": "--lr", "checkpoint_every": "--checkpoint-every", "stats_batches": "--stats-batches"}
+    if sep and field.isidentifier():
+        return f"{flags.get(field, '--' + field.replace('_', '-'))}: {rest}"
+    return message
 
-    return ConceptBank.load(path) if path.exists() else None
+
+def _positive(value: int | None, flag: str, multiple: int = 1) -> None:
+    if value is not None and (value < 1 or value % multiple):
+        what = f"a positive multiple of {multiple}" if multiple > 1 else "a whole number >= 1"
+        raise ValueError(f"{flag}: {value}; use {what}")
+
+
+def _suffix(path: str, flag: str, allowed: tuple[str, ...]) -> Path:
+    out = Path(path)
+    if out.suffix.lower() not in allowed:
+        raise ValueError(f"{flag}: {out.name!r}; give a file name ending in {' or '.join(allowed)}")
+    if out.is_dir():
+        raise ValueError(f"{flag}: {out.name!r} is a folder; give a file name")
+    return out
+
+
+def concept_name(name: str | None, trigger: str) -> str:
+    """``--name``, or the trigger's first word without the selection grammar's marks; checked."""
+    if name is not None:
+        return selection.check_concept_name(name, "--name")
+    word = trigger.split()[0] if trigger.split() else ""
+    derived = word.strip(",:!").replace(",", "").replace(":", "")
+    if not derived:
+        raise ValueError(f"--name: the trigger {trigger!r} gives no usable concept name; give one with --name")
+    return selection.check_concept_name(derived, "--name (taken from --trigger)")
+
+
+class StopOnSignal:
+    """Ctrl-C (SIGINT) and SIGTERM during training: the first asks the training loop to stop after the
+    current step (its progress is saved); outside the loop, or a second signal, raises KeyboardInterrupt."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self.in_loop = False
+        self._old: dict[int, object] = {}
+
+    def __enter__(self) -> StopOnSignal:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        self._old.clear()
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        first = self.signal is None
+        self.signal = signum
+        if not (first and self.in_loop):
+            raise KeyboardInterrupt
+        print("\nstopping after this step to save the progress (Ctrl-C again stops at once)", file=sys.stderr)
+
+    def should_stop(self) -> bool:
+        return self.signal is not None
+
+    def on_phase(self, phase: str) -> None:
+        self.in_loop = phase == "train"
+
+    @property
+    def exit_code(self) -> int:
+        import signal
+
+        return EXIT_SIGTERM if self.signal == signal.SIGTERM else EXIT_SIGINT
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ..method.trainer import TrainCallbacks, TrainConfig, TrainingCancelled
+    from ..data.captions import check_template
+    from ..files import remove_stale_temps, stem_for
+    from ..method.bank import BankError, DuplicateConceptError
+    from ..method.bank_update import updating_bank
+    from ..method.trainer import (
+        ResumeMismatchError,
+        TrainCallbacks,
+        TrainConfig,
+        TrainingCancelled,
+        discard_checkpoint,
+        finished_into,
+    )
     from .bases import architecture_of, load_base
     from .recipes import train_from_folder
 
-    bank_path = Path(args.bank)
-    bank = _load_bank(bank_path)
-    name = args.name or args.trigger.split()[0]
-    pipe = load_base(args.base, _device(args.device))
+    trigger = selection.check_trigger(args.trigger, "--trigger")
+    name = concept_name(args.name, trigger)
+    check_template(args.caption_template, "--caption-template")
+    _positive(args.batch_size, "--batch-size")
+    _positive(args.stats_batches, "--stats-batches")
+    _positive(args.resolution, "--resolution", 8)
+    _positive(args.prior_images, "--prior-images")
+    if args.class_prompt is not None:
+        selection.check_trigger(args.class_prompt, "--class-prompt")
+    bank_path = _suffix(args.bank, "--bank", (".safetensors",))
+    if not Path(args.images).is_dir():
+        raise FileNotFoundError(f"--images: image folder not found: {args.images}")
     cfg = TrainConfig(
         name=name,
-        triggers=[args.trigger],
+        triggers=[trigger],
         method=args.method,
         rank=args.rank,
         steps=args.steps,
@@ -51,40 +180,80 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         protect=args.protect,
         stats_batches=args.stats_batches or max(4, -(-16 // args.batch_size)),
-        checkpoint_path=str(bank_path.with_name(f"{bank_path.stem}.{name}.partial.safetensors")),
+        checkpoint_path=str(bank_path.with_name(f"{bank_path.stem}.{stem_for(name)}.partial.safetensors")),
         checkpoint_every=args.checkpoint_every,
         layer_naming="diffusers",
-        architecture=architecture_of(args.base, pipe),
     )
-    bar = tqdm(total=args.steps, desc=f"training {name!r} ({args.method})", unit="step", disable=args.quiet)
-
-    def on_step(info) -> None:
-        bar.n = info.step
-        bar.set_postfix(loss=f"{info.loss:.4f}", interference=f"{info.interference:.3f}", refresh=False)
-        bar.refresh()
-
-    callbacks = TrainCallbacks(on_step=on_step, on_phase=lambda p: bar.set_description(p))
     try:
-        new_bank = train_from_folder(
-            pipe,
-            args.images,
-            args.trigger,
-            cfg,
-            bank,
-            resolution=args.resolution,
-            caption_template=args.caption_template,
-            batch_size=args.batch_size,
-            callbacks=callbacks,
-            class_prompt=args.class_prompt,
-            prior_images=args.prior_images,
-            min_snr_gamma=args.min_snr_gamma,
-        )
+        cfg.validate()
+    except ValueError as e:
+        raise ValueError(_flag(str(e))) from None
+    device = _device(args.device)
+    stop = StopOnSignal()
+    bar = None
+    try:
+        with stop, updating_bank(bank_path, f"training {name!r}") as update:
+            bank = update.bank
+            remove_stale_temps(cfg.checkpoint_path)  # what a killed run left half-written
+            if finished_into(bank, cfg):
+                discard_checkpoint(cfg)
+                print(f"{name!r} is already in {bank_path} (its run wrote the bank); removed its progress file")
+                return 0
+            if bank is not None and name in bank.names():
+                raise DuplicateConceptError(
+                    f"--name: {name!r} is already in the bank; choose another name, or remove the old concept "
+                    f"first (python -m seqlora_core remove --bank {bank_path} --concept {name!r})"
+                )
+            if args.restart:
+                discard_checkpoint(cfg)
+            pipe = load_base(args.base, device, allow_pickle=args.allow_pickle)
+            cfg.architecture = architecture_of(args.base, pipe)
+            bar = tqdm(total=args.steps, desc=f"training {name!r} ({args.method})", unit="step", disable=args.quiet)
+
+            def on_step(info) -> None:
+                bar.n = info.step
+                bar.set_postfix(loss=f"{info.loss:.4f}", interference=f"{info.interference:.3f}", refresh=False)
+                bar.refresh()
+
+            def on_phase(phase: str) -> None:
+                stop.on_phase(phase)
+                bar.set_description(phase)
+
+            callbacks = TrainCallbacks(on_step=on_step, on_phase=on_phase, should_stop=stop.should_stop)
+            try:
+                new_bank = train_from_folder(
+                    pipe,
+                    args.images,
+                    trigger,
+                    cfg,
+                    bank,
+                    resolution=args.resolution,
+                    caption_template=args.caption_template,
+                    batch_size=args.batch_size,
+                    callbacks=callbacks,
+                    class_prompt=args.class_prompt,
+                    prior_images=args.prior_images,
+                    min_snr_gamma=args.min_snr_gamma,
+                )
+            except ResumeMismatchError as e:
+                raise ResumeMismatchError(f"{e}, or add --restart") from None
+            except ValueError as e:
+                if isinstance(e, BankError):
+                    raise
+                raise ValueError(_flag(str(e))) from e
+            stop.in_loop = False
+            bar.close()
+            bar = None
+            update.commit(new_bank)
+            discard_checkpoint(cfg)
     except (KeyboardInterrupt, TrainingCancelled):
-        bar.close()
-        print(f"interrupted; progress is in {cfg.checkpoint_path}: run the same command to resume", file=sys.stderr)
-        return 130
-    bar.close()
-    new_bank.save(bank_path)
+        kept = Path(cfg.checkpoint_path).is_file()
+        where = f"progress is in {cfg.checkpoint_path}: " if kept else ""
+        print(f"interrupted; the bank is unchanged; {where}run the same command to resume", file=sys.stderr)
+        return stop.exit_code
+    finally:
+        if bar is not None:
+            bar.close()
     c = new_bank.concepts[-1]
     print(
         f"learned {c.name!r} ({c.method}, rank {c.rank}) in {c.timings['total_s']:.1f} s; "
@@ -104,6 +273,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from ..method.report import build_report, report_text
     from .heatmap import write_heatmap_png
 
+    png = _suffix(args.png, "--png", IMAGE_SUFFIXES) if args.png else None
     bank = ConceptBank.load(args.bank)
     rep = build_report(bank)
     if args.base == TOY and args.identity:
@@ -111,32 +281,56 @@ def cmd_report(args: argparse.Namespace) -> int:
         from .bases import load_base
 
         rep["identity"] = identity_report(load_base(TOY), bank)
-    if args.png:
-        write_heatmap_png(rep, args.png)
+    if png:
+        write_heatmap_png(rep, png)
     print(json.dumps(rep, indent=1) if args.json else report_text(rep))
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from ..interop.bank_lora import export_concept
+    from ..interop.bank_lora import export_concept, export_target
     from ..method.bank import ConceptBank
 
+    out = _suffix(args.out, "--out", (".safetensors",))
+    if out.exists() and Path(args.bank).exists() and os.path.samefile(out, args.bank):
+        raise ValueError(f"--out: {out.name} is the bank itself; give the LoRA another file name")
     bank = ConceptBank.load(args.bank)
-    path = export_concept(bank, args.concept, args.out, args.format, args.dtype)
-    print(f"wrote {path} ({args.format}); triggers: {', '.join(bank.concept(args.concept).triggers) or 'none'}")
+    bank.concept(args.concept)
+    replaced = export_target(out, args.force, "--out")
+    path = export_concept(bank, args.concept, out, args.format, args.dtype, overwrite=args.force)
+    kept = " (the old file is kept as a .bak copy)" if replaced else ""
+    print(f"wrote {path} ({args.format}){kept}; triggers: {', '.join(bank.concept(args.concept).triggers) or 'none'}")
     return 0
 
 
 def cmd_import(args: argparse.Namespace) -> int:
     from ..interop.bank_lora import import_lora
+    from ..method.bank_update import updating_bank
 
-    bank_path = Path(args.bank)
-    bank = _load_bank(bank_path)
-    if bank is None:
-        raise SystemExit(f"bank {bank_path} does not exist: train a concept first, so the bank knows its layers")
-    new = import_lora(bank, args.lora, args.name, [args.trigger] if args.trigger else None)
-    new.save(bank_path)
-    print(f"imported {args.lora} as frozen concept {args.name!r}; later concepts are trained orthogonal to it")
+    name = selection.check_concept_name(args.name, "--name")
+    triggers = [selection.check_trigger(args.trigger, "--trigger")] if args.trigger is not None else None
+    bank_path = _suffix(args.bank, "--bank", (".safetensors",))
+    with updating_bank(bank_path, f"importing {name!r}") as update:
+        if update.bank is None:
+            raise FileNotFoundError(
+                f"--bank: {bank_path} does not exist; train a concept first, so the bank knows its layers"
+            )
+        update.commit(import_lora(update.bank, args.lora, name, triggers))
+    print(f"imported {args.lora} as frozen concept {name!r}; later concepts are trained orthogonal to it")
+    return 0
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    from ..method.bank_update import updating_bank
+
+    bank_path = _suffix(args.bank, "--bank", (".safetensors",))
+    with updating_bank(bank_path, f"removing {args.concept!r}") as update:
+        if update.bank is None:
+            raise FileNotFoundError(f"--bank: {bank_path} does not exist")
+        new = update.bank.without(args.concept)
+        backup = update.commit(new, backup=True)
+    left = ", ".join(new.names()) or "no concepts"
+    print(f"removed {args.concept!r}; {bank_path} now holds {left}; the previous version is kept as {backup}")
     return 0
 
 
@@ -155,14 +349,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from ..method.compose import compose
     from .bases import load_base
 
-    pipe = load_base(args.base, _device(args.device))
+    out = _suffix(args.out, "--out", IMAGE_SUFFIXES)
+    if not 1 <= args.steps <= 1000:
+        raise ValueError(f"--steps: {args.steps}; use 1..1000 sampling steps (30 is typical)")
+    if not math.isfinite(args.guidance):
+        raise ValueError(f"--guidance: {args.guidance}; give a finite number (7.5 is typical)")
+    chosen = selection.enabled_strengths(selection.parse_selection(args.concepts, "--concepts"))
+    device = _device(args.device)
     bank = ConceptBank.load(args.bank)
-    chosen = parse_selection(args.concepts)
+    for name in chosen:
+        bank.concept(name)
+    pipe = load_base(args.base, device, allow_pickle=args.allow_pickle)
     with compose(pipe.unet, bank, chosen, mode=args.mode):
         image = generate(pipe, args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance)[0]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    image.save(args.out)
-    print(f"wrote {args.out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out)
+    print(f"wrote {out}")
     return 0
 
 
@@ -258,13 +460,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-every", type=int, default=50, help="save resumable progress every N steps")
     t.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--restart", action="store_true", help="discard saved progress of this concept and start it over")
+    t.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
     t.set_defaults(fn=cmd_train)
 
     r = sub.add_parser("report", help="interference matrix, forgetting bound, capacity")
     r.add_argument("--bank", required=True)
     r.add_argument("--base", default=None, help=BASES_HELP + " (needed only for --identity)")
     r.add_argument("--json", action="store_true", help="print JSON")
-    r.add_argument("--png", default=None, help="write the interference heatmap here")
+    r.add_argument("--png", default=None, help="write the interference heatmap here (.png)")
     r.add_argument("--identity", action="store_true", help="with --base toy: identity score of every concept")
     r.set_defaults(fn=cmd_report)
 
@@ -275,6 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--format", choices=["kohya", "peft"], default="kohya")
     e.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
     e.add_argument("--out", required=True, help="output .safetensors")
+    e.add_argument("--force", action="store_true", help="replace an existing file (the old one is kept as a .bak copy)")
     e.set_defaults(fn=cmd_export)
 
     i = sub.add_parser("import", help="add a foreign LoRA file to a bank as a frozen concept")
@@ -283,6 +488,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--name", required=True)
     i.add_argument("--trigger", default=None, help="trigger words (default: the file's metadata)")
     i.set_defaults(fn=cmd_import)
+
+    rm = sub.add_parser("remove", help="drop a concept from a bank (the previous version is kept as a .bak)")
+    rm.add_argument("--bank", required=True)
+    rm.add_argument("--concept", required=True, help="the concept's name")
+    rm.set_defaults(fn=cmd_remove)
 
     g = sub.add_parser("generate", help="an image with any concepts composed (no fusion)")
     g.add_argument("--base", required=True, help=BASES_HELP)
@@ -297,6 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=30)
     g.add_argument("--guidance", type=float, default=7.5)
     g.add_argument("--device", default=None)
+    g.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
     g.set_defaults(fn=cmd_generate)
     return p
 
@@ -308,7 +519,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.fn(args)
-    except (BankError, FileNotFoundError, ValueError, KeyError) as e:
+    except (BankError, OSError, ValueError, KeyError, ArithmeticError, RuntimeError) as e:
+        if args.verbose:
+            raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"error: {msg}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_SIGINT

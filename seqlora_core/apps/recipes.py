@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from pathlib import Path
 
 from ..backends import diffusers_backend
@@ -44,6 +46,23 @@ def needs_prior(bank: ConceptBank | None, config: TrainConfig) -> bool:
     return bank is None or not bank.prior or config.prior_loss_weight > 0
 
 
+def data_signature(dataset: ConceptDataset, batch_size: int, caption_template: str) -> dict:
+    """What a concept's batches are made from, for the resume key: digests of the images (pixels as read,
+    repeats) and of the captions, the resolution, the batch size and the caption template."""
+    images = hashlib.sha256()
+    for px, reps in zip(dataset.pixels_u8, dataset.repeats, strict=True):
+        images.update(f"{tuple(px.shape)}:{reps}\n".encode())
+        images.update(px.numpy().tobytes())
+    captions = hashlib.sha256(json.dumps([dataset.captions, dataset.prior_captions]).encode())
+    return {
+        "images": f"{len(dataset)} images, {images.hexdigest()[:16]}",
+        "captions": captions.hexdigest()[:16],
+        "resolution": dataset.resolution,
+        "batch_size": batch_size,
+        "caption_template": caption_template,
+    }
+
+
 def train_from_folder(
     pipe,
     folder: str | Path,
@@ -67,12 +86,18 @@ def train_from_folder(
     concept's captions without the trigger, ``class_prompt`` and the empty prompt; it is prepared only when
     the training reads it (:func:`needs_prior`), i.e. once per bank unless a prior loss asks for it.
     ``min_snr_gamma`` weights the loss (min-SNR); the toy world trains with the weighting its pretraining
-    used (``TRAIN_LOSS``) unless told otherwise.
+    used (``TRAIN_LOSS``) unless told otherwise. The data's :func:`data_signature` goes into
+    ``config.data_signature`` (the resume key).
     """
     resolution = resolution or native_resolution(pipe)
     dataset = ConceptDataset.from_folder(folder, trigger, caption_template, resolution)
     if min_snr_gamma is None and config.architecture == TOY:
         min_snr_gamma = TRAIN_LOSS["min_snr_gamma"]
+    signature = data_signature(dataset, batch_size, caption_template)
+    signature["min_snr_gamma"] = min_snr_gamma
+    if needs_prior(bank, config) and config.architecture != TOY:
+        signature["prior"] = {"class_prompt": class_prompt, "images": prior_images}
+    config = dataclasses.replace(config, data_signature=signature)
     data = DiffusersConceptData(pipe, dataset, batch_size=batch_size, seed=config.seed, min_snr_gamma=min_snr_gamma)
     prior: BatchFn | None = None
     if needs_prior(bank, config):

@@ -27,11 +27,15 @@ _HOW = (
 )
 
 
+PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
 def load_pipeline(
     path: str | Path,
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
     config: str | Path | None = None,
+    allow_pickle: bool = False,
 ) -> Any:
     """Load a pipeline offline from a diffusers folder or a single-file `.safetensors`.
 
@@ -39,14 +43,15 @@ def load_pipeline(
     `config` (single files only): a local diffusers folder of the same architecture, used for the
     component configs that `from_single_file` would otherwise fetch from a hub. The returned
     pipeline is in eval mode with every parameter frozen (adapters add their own parameters).
-    Raises FileNotFoundError for a missing path or component, ValueError for an unsupported model,
+    Raises FileNotFoundError for a missing path or component, ValueError for an unsupported model or for
+    pickle weights (``.bin``, ``.pt``, ...: loading them can run code) unless ``allow_pickle``,
     RuntimeError when a single file cannot be converted offline.
     """
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"model not found: {path}. {_HOW}")
     if path.is_dir():
-        pipe = _load_folder(path, dtype)
+        pipe = _load_folder(path, dtype, allow_pickle)
     elif path.suffix.lower() == ".safetensors":
         pipe = _load_single_file(path, dtype, config)
     else:
@@ -77,7 +82,20 @@ def _dtype_kwarg(dtype: torch.dtype | None) -> dict[str, torch.dtype]:
     return {"dtype" if (major, minor) >= (0, 42) else "torch_dtype": dtype}
 
 
-def _load_folder(path: Path, dtype: torch.dtype | None) -> Any:
+def pickle_only_components(path: Path, components: list[str]) -> list[str]:
+    """The component folders whose weights are pickle files only (no .safetensors beside them)."""
+    out = []
+    for name in components:
+        folder = path / name
+        if not folder.is_dir():
+            continue
+        suffixes = {p.suffix.lower() for p in folder.iterdir() if p.is_file()}
+        if suffixes & set(PICKLE_WEIGHTS) and ".safetensors" not in suffixes:
+            out.append(name)
+    return out
+
+
+def _load_folder(path: Path, dtype: torch.dtype | None, allow_pickle: bool = False) -> Any:
     index = path / "model_index.json"
     if not index.is_file():
         raise FileNotFoundError(f"{path} is not a diffusers pipeline folder: model_index.json is missing. {_HOW}")
@@ -92,9 +110,17 @@ def _load_folder(path: Path, dtype: torch.dtype | None) -> Any:
             f"{path} lacks the component folder(s) {', '.join(missing)} named in model_index.json: "
             "provide them (e.g. copy them from the model's diffusers release)."
         )
+    pickled = pickle_only_components(path, [k for k in listed if k not in absent])
+    if pickled and not allow_pickle:
+        raise ValueError(
+            f"{path}: the weights of {', '.join(pickled)} are pickle files (.bin/.pt), which can run code when "
+            "loaded, so they are not read. Convert them to .safetensors, or, if you trust where the model "
+            "comes from, allow pickle weights explicitly (--allow-pickle)"
+        )
     from diffusers import DiffusionPipeline
 
     kwargs: dict[str, Any] = {k: None for k in absent}
+    kwargs["use_safetensors"] = None if allow_pickle else True
     if "requires_safety_checker" in spec and "safety_checker" in absent:
         kwargs["requires_safety_checker"] = False
     kwargs.update(_dtype_kwarg(dtype))
@@ -422,6 +448,10 @@ def generate(
 ) -> list[Any]:
     """Sample PIL images; the initial noise comes from a CPU generator seeded with `seed`, so the
     result does not depend on the device's RNG. Size defaults to the pipeline's native size."""
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps: {steps!r}; sampling needs at least 1 step")
+    if not math.isfinite(guidance):
+        raise ValueError(f"guidance: {guidance!r}; give a finite number (7.5 is typical)")
     g = torch.Generator("cpu").manual_seed(seed)
     out = pipe(
         prompt=prompt,
@@ -432,9 +462,15 @@ def generate(
         width=width,
         num_images_per_prompt=num_images,
         generator=g,
-        output_type="pil",
+        output_type="np",
     )
-    return list(out.images)
+    images = out.images
+    if not np.isfinite(images).all():
+        raise FloatingPointError(
+            "the sampled image holds NaN or infinite values (it would be black): the model or the concepts' "
+            "strengths give values out of range; lower the strengths or use fp32"
+        )
+    return list(pipe.numpy_to_pil(images))
 
 
 def prior_prompts(dataset: ConceptDataset, class_prompt: str | None = None, limit: int = 8) -> list[str]:

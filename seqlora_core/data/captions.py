@@ -12,6 +12,7 @@ from __future__ import annotations
 import codecs
 import os
 import re
+import string
 from pathlib import Path
 
 DEFAULT_TEMPLATE = "a photo of {trigger}"  # the caption of an image without one
@@ -27,11 +28,34 @@ _BOMS = (
 
 
 def decode_caption(data: bytes) -> str:
-    """Caption bytes -> text: the encoding its byte-order mark names (the mark dropped), else UTF-8."""
+    """Caption bytes -> text: the encoding its byte-order mark names (the mark dropped); without a mark,
+    UTF-16 when every other byte is NUL (how UTF-16 text of Latin letters looks), else UTF-8."""
     for bom, encoding in _BOMS:
         if data.startswith(bom):
             return data.decode(encoding, errors="replace")
+    if len(data) >= 2 and len(data) % 2 == 0:
+        even, odd = data[0::2], data[1::2]
+        if odd.count(0) == len(odd) and even.count(0) == 0:
+            return data.decode("utf-16-le", errors="replace")
+        if even.count(0) == len(even) and odd.count(0) == 0:
+            return data.decode("utf-16-be", errors="replace")
     return data.decode("utf-8", errors="replace")
+
+
+def check_template(template: str, field: str = "caption_template") -> str:
+    """A caption template that names no placeholder but ``{trigger}``; ValueError naming ``field`` otherwise."""
+    try:
+        names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        why = f"{template!r} is not a valid template ({e}); write a brace as {{{{ or }}}}"
+        raise ValueError(f"{field}: {why}") from None
+    other = sorted({n for n in names if n != "trigger"})
+    if other:
+        raise ValueError(
+            f"{field}: {template!r} names {', '.join('{' + n + '}' for n in other)}; the only placeholder is "
+            "{trigger} (e.g. 'a photo of {trigger}')"
+        )
+    return template
 
 
 def read_caption(path: str | os.PathLike) -> str | None:

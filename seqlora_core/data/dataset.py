@@ -14,11 +14,17 @@ Resize rule (`resolution` must be a multiple of 8; SD1.x/SDXL need a multiple of
   w * h <= R^2; the image is scaled to cover the bucket and centre-cropped to it.
 
 Pixels are stored as uint8 and returned as float tensors (3, H, W) in [-1, 1].
+
+Limits: at most ``MAX_IMAGES`` image files (a clear error beyond); images over Pillow's decompression-bomb
+limit are skipped with that reason. With ``confine=True`` (hosts that serve remote users) every file and
+subfolder must lie inside the folder once links are resolved; what lies outside is skipped and named.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -28,9 +34,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .captions import DEFAULT_TEMPLATE, make_caption, make_prior_caption, read_caption
+from .captions import DEFAULT_TEMPLATE, check_template, make_caption, make_prior_caption, read_caption
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+MAX_IMAGES = 10_000  # image files in one concept folder
+MAX_ENTRIES = 50_000  # directory entries looked at in one concept folder (and each of its kohya folders)
 RESIZE_MODES = ("center_crop", "bucket")
 _KOHYA = re.compile(r"^(\d+)_(.+)$")
 
@@ -102,12 +110,14 @@ class ConceptDataset:
         resolution: int = 512,
         resize: str = "center_crop",
         class_word: str | None = None,
+        confine: bool = False,
     ) -> ConceptDataset:
         """Read a concept folder (layout, caption and resize rules: see the module docstring).
 
         Captions: the `.txt` next to an image, else `caption_template`; the trigger is prepended
         when missing (`make_caption`). Prior captions drop the trigger (`make_prior_caption`).
-        Unreadable images are skipped with one warning listing them.
+        Unreadable images are skipped with one warning listing them and why. ``confine``: skip files and
+        folders that links lead out of the folder.
         Raises FileNotFoundError for a missing folder, ValueError for a folder without usable images.
         """
         root = Path(path)
@@ -119,17 +129,28 @@ class ConceptDataset:
             raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
         if resolution <= 0 or resolution % 8:
             raise ValueError(f"resolution must be a positive multiple of 8, got {resolution}")
+        check_template(caption_template)
         ds = cls(trigger=trigger.strip(), resolution=resolution, resize=resize)
-        for file, reps in _list_images(root):
+        reasons: dict[Path, str] = {}
+        inside = _Confinement(root) if confine else None
+        for file, reps in _list_images(root, inside, reasons):
             try:
                 with Image.open(file) as im:
                     im.load()
                     rgb = to_rgb(im)
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-                ds.skipped.append(file)
+            except Image.DecompressionBombError as e:
+                reasons[file] = f"too large ({e}); downscale it"
+                continue
+            except (OSError, ValueError, SyntaxError) as e:
+                reasons[file] = f"unreadable ({type(e).__name__}: {str(e)[:80]})"
                 continue
             out, crop = resize_image(rgb, resolution, resize)
-            raw = read_caption(file.with_suffix(".txt"))
+            caption_file = file.with_suffix(".txt")
+            if inside is not None and caption_file.exists() and not inside.holds(caption_file):
+                reasons[caption_file] = "a link that leads outside the folder (not read)"
+                raw = None
+            else:
+                raw = read_caption(caption_file)
             caption = make_caption(raw, ds.trigger, caption_template)
             ds.paths.append(file)
             ds.pixels_u8.append(torch.from_numpy(np.array(out, dtype=np.uint8)).permute(2, 0, 1).contiguous())
@@ -139,11 +160,17 @@ class ConceptDataset:
             ds.repeats.append(reps)
             ds.original_sizes.append((rgb.height, rgb.width))
             ds.crops_top_left.append(crop)
-        if ds.skipped:
-            names = ", ".join(str(p.relative_to(root)) for p in ds.skipped)
-            warnings.warn(f"skipped {len(ds.skipped)} unreadable image(s) in {root}: {names}", stacklevel=2)
+        ds.skipped = [p for p in reasons if p.suffix.lower() in IMAGE_EXTS]
+        if reasons:
+            shown = "; ".join(f"{_relative(p, root)}: {why}" for p, why in list(reasons.items())[:20])
+            more = f"; and {len(reasons) - 20} more" if len(reasons) > 20 else ""
+            warnings.warn(
+                f"skipped {len(reasons)} unreadable or unusable file(s) in {root}: {shown}{more}", stacklevel=2
+            )
         if not ds.paths:
-            why = f"all {len(ds.skipped)} image file(s) are unreadable" if ds.skipped else "it has no images"
+            why = (
+                f"all {len(ds.skipped)} image file(s) are unreadable or unusable" if ds.skipped else "it has no images"
+            )
             raise ValueError(
                 f"no usable training images in {root}: {why}. Accepted: {accepted_types()} "
                 "(optional same-name .txt captions; kohya 'N_name' subfolders repeat N times)."
@@ -169,19 +196,91 @@ class ConceptDataset:
         return [i for i, r in enumerate(self.repeats) for _ in range(r)]
 
 
-def _list_images(root: Path) -> list[tuple[Path, int]]:
-    """(image file, repeats) in sorted order: the folder's own images, then kohya `N_name` subfolders."""
+class _Confinement:
+    """Whether a path, links resolved, lies inside the folder (links resolved too)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+
+    def holds(self, path: Path) -> bool:
+        try:
+            return path.resolve().is_relative_to(self.root)
+        except (OSError, RuntimeError):  # a link loop
+            return False
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return path.name
+
+
+def _list_images(
+    root: Path, inside: _Confinement | None = None, reasons: dict[Path, str] | None = None
+) -> list[tuple[Path, int]]:
+    """(image file, repeats) in sorted order: the folder's own images, then kohya `N_name` subfolders.
+
+    ``inside``: leave out what links lead out of the folder (listed in ``reasons``). ValueError beyond
+    ``MAX_IMAGES`` images or ``MAX_ENTRIES`` entries in one folder."""
+    reasons = {} if reasons is None else reasons
+
+    def allowed(p: Path) -> bool:
+        if inside is None or inside.holds(p):
+            return True
+        reasons[p] = "a link that leads outside the folder (not read)"
+        return False
+
     own = _KOHYA.match(root.name)
     own_repeats = max(int(own.group(1)), 1) if own else 1
-    found = [(f, own_repeats) for f in _image_files(root)]
-    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    found = [(f, own_repeats) for f in _image_files(root) if allowed(f)]
+    for sub in sorted(p for p in _entries(root) if p.is_dir() and not p.name.startswith(".")):
         m = _KOHYA.match(sub.name)
-        if m and int(m.group(1)) > 0:
-            found += [(f, int(m.group(1))) for f in _image_files(sub)]
+        if m and int(m.group(1)) > 0 and allowed(sub):
+            found += [(f, int(m.group(1))) for f in _image_files(sub) if allowed(f)]
+        if len(found) > MAX_IMAGES:
+            break
+    if len(found) > MAX_IMAGES:
+        raise ValueError(
+            f"{root} holds more than {MAX_IMAGES} images; a concept needs far fewer (3-100 is typical). "
+            "Choose a smaller folder"
+        )
     return found
+
+
+def _entries(folder: Path) -> list[Path]:
+    """The entries of one folder; ValueError beyond ``MAX_ENTRIES`` (a folder of a whole disk, not a concept)."""
+    out = []
+    with os.scandir(folder) as it:
+        for entry in it:
+            out.append(Path(entry.path))
+            if len(out) > MAX_ENTRIES:
+                raise ValueError(
+                    f"{folder} holds more than {MAX_ENTRIES} entries; give the folder of one concept's images"
+                )
+    return out
 
 
 def _image_files(folder: Path) -> list[Path]:
     return sorted(
-        p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTS
+        p for p in _entries(folder) if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".") and p.is_file()
     )
+
+
+def folder_signature(path: str | Path, confine: bool = False) -> str:
+    """A digest of what :meth:`ConceptDataset.from_folder` would read (names, sizes and times of the images and
+    their captions): cheap, bounded by the folder limits, for hosts that ask 'has this folder changed?'.
+    ``confine``: as in ``from_folder``, nothing that links lead out of the folder is looked at."""
+    root = Path(path)
+    inside = _Confinement(root) if confine else None
+    h = hashlib.sha256()
+    for file, reps in _list_images(root, inside):
+        for p in (file, file.with_suffix(".txt")):
+            if inside is not None and p.exists() and not inside.holds(p):
+                continue
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            h.update(f"{_relative(p, root)}:{reps}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()

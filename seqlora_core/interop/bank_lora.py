@@ -9,7 +9,9 @@ from typing import Any
 
 import torch
 
-from ..method.bank import Concept, ConceptBank, ConceptLayer
+from ..files import keep_backup
+from ..method.bank import BankError, Concept, ConceptBank, ConceptLayer, read_bank_header
+from ..method.selection import check_trigger
 from . import naming as nm
 from .families import SD2, SD2V, SD15, SDXL, kohya_base_version
 from .lora_read import read_lora_file
@@ -74,12 +76,41 @@ def canonical_names(bank: ConceptBank) -> tuple[dict[str, str], str]:
     return names, want
 
 
+def export_target(path: str | os.PathLike, overwrite: bool = False, field: str = "out") -> Path | None:
+    """Check that a LoRA may be written to ``path``; returns the backup to make first (None: a new file).
+
+    A SeqLoRA bank is never replaced (whatever ``overwrite`` says); another existing file only with
+    ``overwrite``, and then a numbered ``.bak`` copy is kept. FileExistsError names ``field`` and the fix.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise FileExistsError(f"{field}: {path.name!r} is a folder; give a file name ending in .safetensors")
+    if not path.exists():
+        return None
+    try:
+        read_bank_header(path)
+        is_bank = True
+    except (BankError, OSError):
+        is_bank = False
+    if is_bank:
+        raise FileExistsError(
+            f"{field}: {path.name} is a SeqLoRA bank; exporting there would replace it. Give another file name"
+        )
+    if not overwrite:
+        raise FileExistsError(
+            f"{field}: {path.name} already exists; choose another file name, or allow overwriting "
+            "(the old file is then kept as a .bak copy)"
+        )
+    return path
+
+
 def export_concept(
     bank: ConceptBank,
     name: str,
     path: str | os.PathLike,
     fmt: str = "kohya",
     dtype: str = "fp16",
+    overwrite: bool = False,
 ) -> Path:
     """Write one concept as an ordinary LoRA file: kohya (`lora_unet_*`, alpha = r) or diffusers/PEFT.
 
@@ -87,7 +118,9 @@ def export_concept(
     diffusers module names for SD1.x/SD2.x (`lora_unet_down_blocks_0_attentions_0_...`), LDM names for
     SDXL (`lora_unet_input_blocks_4_1_...`); so ComfyUI, A1111, Forge, sd-scripts and diffusers'
     `load_lora_weights` all read them. PEFT files use diffusers names. Trigger words go in
-    `ss_tag_frequency` and `modelspec.trigger_phrase`; SeqLoRA facts in `seqlora_*`.
+    `ss_tag_frequency` and `modelspec.trigger_phrase`; SeqLoRA facts in `seqlora_*`. An existing file is
+    refused unless ``overwrite`` (then kept as a numbered ``.bak``); a bank file is always refused
+    (:func:`export_target`).
     """
     if fmt not in ("kohya", "peft"):
         raise ValueError(f"format: {fmt!r}; use 'kohya' (ComfyUI, A1111, Forge) or 'peft' (diffusers)")
@@ -102,7 +135,16 @@ def export_concept(
         naming = "diffusers"
     else:
         names, naming = canonical_names(bank)
-    factors = {names[k]: v for k, v in concept_factors(bank, name).items() if float(v[1].abs().max()) > 0}
+    replaced = export_target(path, overwrite)
+    factors = concept_factors(bank, name)
+    for layer, (a, b) in factors.items():
+        if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+            raise ValueError(f"concept {name!r} holds NaN or infinite values at layer {layer!r}; it cannot be exported")
+    factors = {names[k]: v for k, v in factors.items() if float(v[1].abs().max()) > 0}
+    if not factors:
+        raise ValueError(f"concept {name!r} changes no layer (all its factors are zero); there is nothing to export")
+    if replaced is not None:
+        keep_backup(replaced)
     kernels = {names[s.name]: s.kernel for s in bank.layers if s.kind == "conv2d"}
     extra = {
         "seqlora_concept": c.name,
@@ -168,9 +210,16 @@ def import_lora(
         else:
             a, b = torch.zeros(1, spec.in_features), torch.zeros(spec.out_features, 1)
         layers[spec.name] = ConceptLayer(a, b)
+    if triggers is None:
+        triggers = []
+        for t in file_triggers:
+            try:
+                triggers.append(check_trigger(t))
+            except ValueError as e:
+                warnings.warn(f"{path.name}: a trigger in the file's metadata is left out ({e})", stacklevel=2)
     concept = Concept(
         name,
-        list(triggers if triggers is not None else file_triggers),
+        list(triggers),
         rank,
         "imported",
         layers,

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
@@ -67,17 +68,25 @@ def _peft_config(metadata: Mapping[str, str]) -> dict[str, Any]:
     raw = metadata.get("lora_adapter_metadata")
     if not raw:
         return {}
-    cfg = json.loads(raw)
+    try:
+        cfg = json.loads(raw)
+    except (ValueError, RecursionError):
+        cfg = None
+    if not isinstance(cfg, dict):
+        raise ValueError("its lora_adapter_metadata is not a JSON table")
     return {k.removeprefix("unet."): v for k, v in cfg.items() if not k.startswith("text_encoder")}
 
 
 def _peft_scale(cfg: Mapping[str, Any], raw_name: str, rank: int) -> float:
     alpha = cfg.get("lora_alpha")
-    for pattern, a in (cfg.get("alpha_pattern") or {}).items():
+    patterns = cfg.get("alpha_pattern") or {}
+    for pattern, a in patterns.items() if isinstance(patterns, dict) else ():
         if raw_name == pattern or raw_name.endswith("." + pattern):
             alpha = a
     if alpha is None:
         return 1.0
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise ValueError(f"lora_alpha of {raw_name!r} is {alpha!r}, not a finite number")
     return float(alpha) / (math.sqrt(rank) if cfg.get("use_rslora") else rank)
 
 
@@ -87,12 +96,13 @@ def _triggers(metadata: Mapping[str, str], top: int = 5) -> list[str]:
         return [t.strip() for t in phrase.split(",") if t.strip()]
     try:
         freq = json.loads(metadata.get("ss_tag_frequency", "{}"))
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         return []
     counts: dict[str, int] = {}
     for tags in freq.values() if isinstance(freq, dict) else ():
         for tag, n in tags.items() if isinstance(tags, dict) else ():
-            counts[tag.strip()] = counts.get(tag.strip(), 0) + int(n)
+            if isinstance(n, (int, float)) and not isinstance(n, bool) and math.isfinite(n):
+                counts[tag.strip()] = counts.get(tag.strip(), 0) + int(n)
     return [t for t, _ in sorted(counts.items(), key=lambda kv: -kv[1])[:top] if t]
 
 
@@ -138,23 +148,47 @@ def _warn_skipped(path: Path, skipped: Mapping[str, int]) -> None:
             warnings.warn(f"{path.name}: {n} {messages[kind]}", stacklevel=3)
 
 
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
 def _pair(path: Path, name: str, g: Mapping[str, Any], peft: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
-    """One module's (down r x n, up * scale m x r) in fp32."""
+    """One module's (down r x n, up * scale m x r) in fp32; ValueError naming the file and module for a
+    tensor of the wrong type or shape, rank 0, an alpha that is not one finite number, or NaN/Inf values."""
+    where = f"{path.name}: module {name!r}"
     if "down" not in g or "up" not in g:
-        raise ValueError(f"{path.name}: module {name!r} lacks its lora_down or lora_up tensor")
+        raise ValueError(f"{where} lacks its lora_down or lora_up tensor")
+    for role in ("down", "up", "alpha"):
+        if role in g and g[role].dtype not in _FLOATS:
+            raise ValueError(f"{where}: its {role} tensor has dtype {g[role].dtype}; a LoRA stores float tensors")
     down, up = g["down"].float(), g["up"].float()
+    if down.ndim not in (2, 4) or up.ndim not in (2, 4):
+        raise ValueError(f"{where}: lora_down {tuple(down.shape)} / lora_up {tuple(up.shape)} are not 2-D or 4-D")
     r = down.shape[0]
+    if r == 0 or down[0].numel() == 0 or up.shape[0] == 0:
+        raise ValueError(f"{where} has rank 0 or an empty layer (shapes {tuple(down.shape)}, {tuple(up.shape)})")
     if up.ndim > 2 and any(s != 1 for s in up.shape[2:]):
-        raise ValueError(f"{path.name}: {name!r} has a non-1x1 lora_up (unsupported adapter type)")
+        raise ValueError(f"{where} has a non-1x1 lora_up (unsupported adapter type)")
     down, up = down.reshape(r, -1), up.reshape(up.shape[0], -1)
     if up.shape[1] != r:
-        raise ValueError(f"{path.name}: {name!r} down/up ranks differ: {r} vs {up.shape[1]}")
+        raise ValueError(f"{where}: down/up ranks differ: {r} vs {up.shape[1]}")
     if "alpha" in g:
+        if g["alpha"].numel() != 1:
+            raise ValueError(f"{where}: alpha holds {g['alpha'].numel()} values; a LoRA's alpha is one number")
         alpha = float(g["alpha"].float().item())
+        if not math.isfinite(alpha):
+            raise ValueError(f"{where}: alpha is {alpha}; the file is damaged")
         scale = alpha / r if alpha else 1.0
     else:
-        scale = _peft_scale(peft, g["raw"], r)
-    return down.contiguous(), (up * scale if scale != 1.0 else up).contiguous()
+        try:
+            scale = _peft_scale(peft, g["raw"], r)
+        except ValueError as e:
+            raise ValueError(f"{path.name}: {e}") from None
+    if not (bool(torch.isfinite(down).all()) and bool(torch.isfinite(up).all())):
+        raise ValueError(f"{where} holds NaN or infinite weights; the file is damaged")
+    up = up * scale if scale != 1.0 else up
+    if not bool(torch.isfinite(up).all()):
+        raise ValueError(f"{where}: its weights overflow when scaled by alpha / rank = {scale:g}")
+    return down.contiguous(), up.contiguous()
 
 
 def _name_map(name_map: Any, stems: Iterable[str]) -> dict[str, str]:
@@ -226,6 +260,9 @@ def read_lora_file(
         raise ValueError(f"{path.name}: {what}; first unknown keys: {unknown[:5]}")
     if unknown:
         warnings.warn(f"{path.name}: skipped {len(unknown)} unknown keys, first: {unknown[:5]}", stacklevel=2)
-    peft = _peft_config(metadata)
+    try:
+        peft = _peft_config(metadata)
+    except ValueError as e:
+        raise ValueError(f"{path.name}: {e}") from None
     factors = {name: _pair(path, name, g, peft) for name, g in groups.items()}
     return factors, metadata, _triggers(metadata)

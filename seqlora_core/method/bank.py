@@ -16,6 +16,8 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from ..files import atomic_write_bytes
+from . import bank_schema as schema
+from .selection import check_concept_name, check_trigger
 from .stats import Sketch
 from .targets import LayerSpec, layer_spec
 
@@ -97,6 +99,9 @@ class ConceptBank:
     prior: dict[str, Sketch] = field(default_factory=dict)  # concept 0: the base model's statistics
     concepts: list[Concept] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
+    # the header digest of the file this bank (or the bank it was made from) was read from: a later write
+    # checks that the file is still that one, so a bank only ever replaces an older version of itself
+    origin: str | None = field(default=None, compare=False, repr=False)
 
     # ---- queries -------------------------------------------------------------------------
     @property
@@ -123,13 +128,17 @@ class ConceptBank:
 
     # ---- new banks -------------------------------------------------------------------------
     def with_concept(self, concept: Concept) -> ConceptBank:
-        """A new bank with ``concept`` appended."""
-        if not concept.name.strip():
-            raise BankError("concept name: empty; give the concept a name")
+        """A new bank with ``concept`` appended (its name checked by ``selection.check_concept_name``)."""
+        try:
+            check_concept_name(concept.name, "concept name")
+            for t in concept.triggers:
+                check_trigger(t, f"trigger of {concept.name!r}")
+        except ValueError as e:
+            raise BankError(str(e)) from None
         if concept.name in self.names():
             raise DuplicateConceptError(
                 f"concept name {concept.name!r} is already in the bank; choose another name, "
-                "or drop the old one first (bank.without(name))"
+                "or remove the old concept from the bank first"
             )
         missing = [s.name for s in self.layers if s.name not in concept.layers]
         if missing:
@@ -200,18 +209,35 @@ class ConceptBank:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ConceptBank:
-        """Read a bank; clear errors for a missing, corrupt, foreign or newer-version file."""
+        """Read a bank; clear errors for a missing, corrupt, foreign, hostile or newer-version file.
+
+        Every header value and tensor is checked (types, shapes, dtypes, finite values, limits) before
+        anything uses it: a BankFormatError names the file, the concept and the layer."""
         path = _existing_bank_file(path)
         raw = path.read_bytes()
-        header = _parse_header(path, raw, len(raw), check_version=True)
+        header, count = _parse_header(path, raw, len(raw), check_version=True)
         try:
             tensors = st_load(raw)
         except SafetensorError as e:
             raise _corrupt(path, e) from e
         try:
-            return _decode(header, tensors)
-        except KeyError as e:
-            raise BankFormatError(f"bank file {str(path)!r} lacks tensor {e}; the file is damaged") from e
+            bank = _decode(header, tensors)
+        except schema.SchemaError as e:
+            raise BankFormatError(
+                f"bank file {str(path)!r}: {e}. The file is damaged or was not written by SeqLoRA; "
+                "restore it from a copy (a .bak beside it), or train into a new bank"
+            ) from e
+        bank.origin = _digest(raw[: 8 + int.from_bytes(raw[:8], "little")])
+        return bank
+
+    def check(self) -> None:
+        """BankFormatError when a factor or sketch of this (in-memory) bank is misshapen or not finite."""
+        tensors, header = _encode(self)
+        try:
+            schema.check_header(header, len(tensors))
+            _decode(header, tensors)
+        except schema.SchemaError as e:
+            raise BankFormatError(f"this bank is damaged: {e}") from e
 
 
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
@@ -219,15 +245,36 @@ MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
 
 def read_bank_header(path: str | os.PathLike, check_version: bool = False) -> dict:
     """A bank file's header (layers, concepts with triggers, rank, method, config, ...) without reading
-    its tensors: what a file browser or a UI list needs. BankFormatError for a file that is not a bank;
-    with ``check_version``, BankVersionError for a schema this SeqLoRA does not read."""
+    its tensors: what a file browser or a UI list needs. BankFormatError for a file that is not a bank
+    or whose header breaks the format; with ``check_version``, BankVersionError for a schema this
+    SeqLoRA does not read."""
     path = _existing_bank_file(path)
+    head = _read_head(path)
+    return _parse_header(path, head, path.stat().st_size, check_version)[0]
+
+
+def header_digest(path: str | os.PathLike) -> str | None:
+    """A digest of a file's safetensors header (its tensor table and metadata), or None when there is no
+    file: two versions of a bank never share it."""
+    path = Path(path)
+    try:
+        return _digest(_read_head(path))
+    except FileNotFoundError:
+        return None
+
+
+def _digest(head: bytes) -> str:
+    return hashlib.sha256(head).hexdigest()
+
+
+def _read_head(path: Path) -> bytes:
+    """The first 8 bytes and the header they announce (when it is of a sane length)."""
     with open(path, "rb") as f:
         head = f.read(8)
         n = int.from_bytes(head, "little") if len(head) == 8 else 0
         if 0 < n <= MAX_HEADER_BYTES:
             head += f.read(n)
-    return _parse_header(path, head, path.stat().st_size, check_version)
+    return head
 
 
 def _existing_bank_file(path: str | os.PathLike) -> Path:
@@ -244,38 +291,51 @@ def _corrupt(path: Path, why: object) -> BankFormatError:
     )
 
 
-def _safetensors_metadata(head: bytes, size: int) -> dict:
-    """The ``__metadata__`` of a safetensors file from its first bytes (``size``: the whole file's)."""
+def _safetensors_header(head: bytes, size: int) -> tuple[dict, int]:
+    """(``__metadata__``, tensor count) of a safetensors file from its first bytes (``size``: the file's)."""
     if len(head) < 8:
         raise ValueError("too short to be a safetensors file")
     n = int.from_bytes(head[:8], "little")
     if n <= 0 or n > MAX_HEADER_BYTES or 8 + n > size or len(head) < 8 + n:
         raise ValueError("header length out of range")
-    return json.loads(head[8 : 8 + n]).get("__metadata__", {}) or {}
+    table = json.loads(head[8 : 8 + n])
+    if not isinstance(table, dict):
+        raise ValueError("the header is not a table of tensors")
+    meta = table.get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise ValueError("the header's metadata is not a table")
+    return meta, len(table) - ("__metadata__" in table)
 
 
-def _parse_header(path: Path, head: bytes, size: int, check_version: bool) -> dict:
-    """The SeqLoRA header of a file, from its first bytes; a clear error for anything else."""
+def _parse_header(path: Path, head: bytes, size: int, check_version: bool) -> tuple[dict, int]:
+    """(The SeqLoRA header, the file's tensor count), from its first bytes; a clear error for anything else."""
     try:
-        meta = _safetensors_metadata(head, size)
-    except ValueError as e:  # json.JSONDecodeError is a ValueError
+        meta, count = _safetensors_header(head, size)
+    except (ValueError, RecursionError) as e:  # json.JSONDecodeError is a ValueError
         raise _corrupt(path, e) from e
-    if meta.get("format") != FORMAT_TAG or "seqlora" not in meta:
+    if meta.get("format") != FORMAT_TAG or not isinstance(meta.get("seqlora"), str):
         raise BankFormatError(
             f"{str(path)!r} is a safetensors file but not a SeqLoRA bank (it may be a LoRA: "
-            "import it with import_lora instead)"
+            "import it into a bank instead)"
         )
     try:
         header = json.loads(meta["seqlora"])
-    except json.JSONDecodeError as e:
+    except (ValueError, RecursionError) as e:
         raise BankFormatError(f"bank file {str(path)!r}: unreadable header ({e})") from e
-    version = header.get("schema_version")
+    version = header.get("schema_version") if isinstance(header, dict) else None
     if check_version and version not in READABLE_VERSIONS:
         raise BankVersionError(
             f"bank file {str(path)!r} has schema version {version!r}; this SeqLoRA reads versions "
             f"{', '.join(map(str, READABLE_VERSIONS))}. Update SeqLoRA to open it."
         )
-    return header
+    try:
+        schema.check_header(header, count)
+    except schema.SchemaError as e:
+        raise BankFormatError(
+            f"bank file {str(path)!r}: {e}. The file is damaged or was not written by SeqLoRA; restore it "
+            "from a copy (a .bak beside it), or train into a new bank"
+        ) from e
+    return header, count
 
 
 def _sketch_tensors(prefix: str, sk: Sketch, out: dict[str, torch.Tensor]) -> None:
@@ -335,26 +395,33 @@ def _encode(bank: ConceptBank) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def _decode(header: dict, tensors: dict[str, torch.Tensor]) -> ConceptBank:
+    """The bank a checked header names, every tensor checked on the way (``bank_schema``)."""
     layers = [LayerSpec(n, k, m, i, tuple(ker)) for n, k, m, i, ker in header["layers"]]
     prior = {}
     for li_s, trace in header.get("prior_traces", {}).items():
         li = int(li_s)
-        prior[layers[li].name] = Sketch(tensors[f"prior.{li}.U"], tensors[f"prior.{li}.s"], trace)
+        spec = layers[li]
+        u, s = schema.check_sketch(tensors, f"prior.{li}", spec.in_features, f"the prior at layer {spec.name!r}")
+        prior[spec.name] = Sketch(u, s, float(trace))
     concepts = []
     for ci, c in enumerate(header["concepts"]):
         cls = {}
         for li_s, entry in c["layers"].items():
             li = int(li_s)
+            spec = layers[li]
             p = f"c{ci}.{li}"
+            where = f"concept {c['name']!r} at layer {spec.name!r}"
+            a, b = schema.check_factors(tensors, p, spec.out_features, spec.in_features, where)
             sketch = None
-            if f"{p}.U" in tensors:
-                sketch = Sketch(tensors[f"{p}.U"], tensors[f"{p}.s"], entry.get("trace", float("nan")))
-            cls[layers[li].name] = ConceptLayer(
-                tensors[f"{p}.A"],
-                tensors[f"{p}.B"],
+            if f"{p}.U" in tensors or f"{p}.s" in tensors:
+                u, s = schema.check_sketch(tensors, p, spec.in_features, where)
+                sketch = Sketch(u, s, float(entry.get("trace", float("nan"))))
+            cls[spec.name] = ConceptLayer(
+                a,
+                b,
                 sketch,
                 entry.get("soft", False),
-                tensors.get(f"{p}.S"),
+                schema.check_moment(tensors, f"{p}.S", spec.in_features, where),
                 entry.get("protection"),
             )
         concepts.append(
@@ -379,5 +446,5 @@ def _decode(header: dict, tensors: dict[str, torch.Tensor]) -> ConceptBank:
         dict(header.get("meta", {})),
     )
     if header.get("fingerprint") and header["fingerprint"] != bank.fingerprint:
-        raise BankFormatError("the bank's layer list does not match its recorded fingerprint; the file is damaged")
+        raise schema.SchemaError("the layer list does not match its recorded fingerprint")
     return bank

@@ -14,6 +14,8 @@ import torch
 from .bank import ConceptBank
 from .interference import bound_of_gram, energy, energy_of_gram, sketch_gram
 
+MAX_TABLE = 40  # concepts shown in the text tables (rows and columns)
+
 
 def build_report(bank: ConceptBank, delta: float = 0.05, per_layer: bool = False) -> dict:
     """JSON-serialisable report.
@@ -169,15 +171,20 @@ def report_text(rep: dict) -> str:
         f"earlier concepts on new ones {rep.get('mean_relative_interference_on_later', 0.0):.4f})"
     ]
     if names:
-        w = max(8, *(len(n) for n in names))
+        k = min(len(names), MAX_TABLE)
+        shown = names[:k]
+        w = max(8, *(len(n) for n in shown))
+        if k < len(names):
+            lines.append(f"the tables show the first {k} of {len(names)} concepts (the JSON report has all)")
         lines.append("R(t->j)/R(t->t), rows t, columns j:")
-        lines.append(" " * (w + 1) + " ".join(f"{j:>8d}" for j in range(len(names))))
-        for t, row in enumerate(rep["interference"]):
-            lines.append(f"{names[t]:<{w}} " + " ".join(f"{v:8.4f}" for v in row))
+        lines.append(" " * (w + 1) + " ".join(f"{j:>8d}" for j in range(k)))
+        for t, row in enumerate(rep["interference"][:k]):
+            lines.append(f"{names[t]:<{w}} " + " ".join(f"{v:8.4f}" for v in row[:k]))
         lines.append(f"forgetting bound, relative, summed over layers: {rep['bound_statement']}:")
-        for t, row in enumerate(rep["bound"]):
-            lines.append(f"{names[t]:<{w}} " + " ".join(f"{v:8.4f}" for v in row))
-        lines.append("base drift: " + ", ".join(f"{n} {d:.4f}" for n, d in zip(names, rep["base_drift"], strict=True)))
+        for t, row in enumerate(rep["bound"][:k]):
+            lines.append(f"{names[t]:<{w}} " + " ".join(f"{v:8.4f}" for v in row[:k]))
+        drift = zip(shown, rep["base_drift"][:k], strict=True)
+        lines.append("base drift: " + ", ".join(f"{n} {d:.4f}" for n, d in drift))
     for name, budget in rep.get("budget", {}).items():
         if not budget["met"]:
             lines.append(

@@ -26,10 +26,11 @@ from ..baselines.frozen_slots import frozen_slot
 from ..files import atomic_write_bytes
 from . import basis as bs
 from .adapters import AdapterLayer, inject, remove
-from .bank import Concept, ConceptBank, ConceptLayer, DuplicateConceptError
+from .bank import BankFormatError, Concept, ConceptBank, ConceptLayer, DuplicateConceptError
 from .compose import Composition, compose
 from .interference import dense_gram, energy_of_gram
 from .methods import Method, get_method, method_of
+from .selection import check_concept_name, check_trigger
 from .stats import MomentRecorder, record_moments, sketch_moment
 from .targets import LayerSpec, find_targets
 
@@ -53,6 +54,10 @@ LossFn = Callable[[nn.Module, Any], torch.Tensor]
 BatchFn = Callable[[int], Any]
 
 
+MAX_LR = 1.0  # a larger step moves a factor by more than its own size: training only diverges
+MAX_STEPS = 10_000_000
+
+
 class TrainingCancelled(RuntimeError):
     """Training stopped on request; the checkpoint holds the progress so far."""
 
@@ -61,6 +66,14 @@ class TrainingCancelled(RuntimeError):
         super().__init__(f"training cancelled at step {step}{where}")
         self.step = step
         self.checkpoint = checkpoint
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss or the factors became NaN or infinite; nothing from that step on was saved."""
+
+
+class ResumeMismatchError(ValueError):
+    """The checkpoint was made from other data or settings; the message says which and how to start over."""
 
 
 @dataclass
@@ -98,20 +111,47 @@ class TrainConfig:
     layer_naming: str = "module"
     architecture: str = "unknown"
     extra_info: dict = field(default_factory=dict)  # copied into Concept.info (e.g. a host's cache key)
+    # what the batches are made from (digests of the images and captions, resolution, batch size, caption
+    # template), set by whoever prepares the data: part of the resume key, so a checkpoint is resumed only
+    # with the data it was made from
+    data_signature: dict = field(default_factory=dict)
 
     def validate(self) -> Method:
-        if not self.name or not self.name.strip():
-            raise ValueError("name: empty; give the concept a name (e.g. 'my_dog')")
+        check_concept_name(self.name, "name")
+        for i, t in enumerate(self.triggers):
+            check_trigger(t, "triggers" if len(self.triggers) == 1 else f"triggers[{i}]")
+        for key in ("rank", "steps", "seed", "stats_batches", "sketch_rank", "penalty_rank", "reserve"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{key}: {value!r} is not a whole number")
+        for key in ("lr", "rho", "weight_decay", "prior_loss_weight", "budget", "dual_lr", "lam_max"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{key}: {value!r}; give a finite number")
         if not 1 <= self.rank <= 256:
             raise ValueError(f"rank: {self.rank} is out of range; use 1..256 (4-16 is typical)")
-        if self.steps < 1:
-            raise ValueError(f"steps: {self.steps}; use at least 1")
-        if not self.lr > 0:
-            raise ValueError(f"lr: {self.lr}; the learning rate must be positive")
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise ValueError(f"steps: {self.steps}; use 1..{MAX_STEPS}")
+        if not 0 < self.lr <= MAX_LR:
+            raise ValueError(
+                f"lr: {self.lr:g} is out of range; use a learning rate in (0, {MAX_LR:g}] (1e-4 is typical)"
+            )
+        if not self.rho > 0:
+            raise ValueError(f"rho: {self.rho}; the basis' step factor must be positive (0.1 is typical)")
+        if self.weight_decay < 0 or self.dual_lr < 0:
+            raise ValueError("weight_decay, dual_lr: use 0 or a positive number")
+        if self.seed < 0:
+            raise ValueError(f"seed: {self.seed}; use a number >= 0")
         if self.prior_loss_weight < 0:
             raise ValueError(f"prior_loss_weight: {self.prior_loss_weight}; use 0 (off) or a positive weight")
         if not self.budget >= 0:
             raise ValueError(f"budget: {self.budget}; the interference budget must be a number >= 0")
+        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every: {self.checkpoint_every!r}; save progress every 1 or more steps")
+        if min(self.stats_batches, self.sketch_rank, self.penalty_rank, self.dual_every) < 1 or self.reserve < 0:
+            raise ValueError("stats_batches, sketch_rank, penalty_rank, dual_every: use 1 or more; reserve: 0 or more")
+        if not 0 < self.sketch_energy <= 1:
+            raise ValueError(f"sketch_energy: {self.sketch_energy}; use a fraction in (0, 1] (0.99 is typical)")
         if self.protect not in ("adaptive", "off"):
             raise ValueError(f"protect: {self.protect!r}; use 'adaptive' or 'off'")
         if not 0 <= self.protect_energy <= 1:
@@ -126,14 +166,78 @@ class TrainConfig:
             raise ValueError(f"precision: {self.precision!r}; use auto, bf16, fp16 or fp32")
         return get_method(self.method)
 
-    def resume_key(self, bank_fp: str, earlier: list[str]) -> str:
-        """What a checkpoint must match to be resumed (everything but the step count)."""
+    def resume_settings(self, bank_fp: str, earlier: list[str], model: str = "") -> dict:
+        """What a checkpoint must match to be resumed: every setting but the step count and where and how
+        often progress is saved, the data (``data_signature``), the bank's layers and earlier concepts, and
+        a digest of the model's adapted weights."""
         d = dataclasses.asdict(self)
-        for k in ("steps", "checkpoint_path", "checkpoint_every"):
+        for k in ("steps", "checkpoint_path", "checkpoint_every", "extra_info"):
             d.pop(k)
         d["bank"] = bank_fp
         d["earlier"] = earlier
-        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:20]
+        d["model"] = model
+        return json.loads(json.dumps(d, sort_keys=True, default=str))
+
+    def resume_key(self, bank_fp: str, earlier: list[str], model: str = "") -> str:
+        """A short hash of :meth:`resume_settings`."""
+        settings = self.resume_settings(bank_fp, earlier, model)
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def settings_changes(old: dict, new: dict) -> list[str]:
+    """What differs between two :meth:`TrainConfig.resume_settings`, as 'what: old -> new' lines."""
+    names = {"bank": "the bank's layers", "earlier": "the bank's earlier concepts", "model": "the base model's weights"}
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if key == "data_signature" and isinstance(a, dict) and isinstance(b, dict):
+            out += [f"data {k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif key in names:
+            out.append(names[key])
+        else:
+            out.append(f"{key}: {a!r} -> {b!r}")
+    return out
+
+
+def discard_checkpoint(config: TrainConfig) -> None:
+    """Remove the concept's checkpoint: call it once the bank holding the result is durably written."""
+    if config.checkpoint_path:
+        Path(config.checkpoint_path).unlink(missing_ok=True)
+
+
+def finished_into(bank: ConceptBank | None, config: TrainConfig) -> bool:
+    """True when ``bank`` holds the concept whose training left ``config.checkpoint_path`` behind: the run
+    wrote its bank but stopped before removing the checkpoint (which may then go)."""
+    path = config.checkpoint_path
+    if bank is None or config.name not in bank.names() or not path or not Path(path).is_file():
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, "pt") as f:
+            key = (f.metadata() or {}).get("key")
+    except Exception:
+        return False
+    return key is not None and bank.concept(config.name).info.get("resume_key") == key
+
+
+def _weights_digest(model: nn.Module, specs: list[LayerSpec]) -> str:
+    """A cheap digest of the adapted layers' base weights (every few thousandth value)."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for spec in specs:
+            try:
+                module = model.get_submodule(spec.name)
+            except AttributeError:
+                continue
+            w = getattr(getattr(module, "base", module), "weight", None)
+            if w is None:
+                continue
+            flat = w.detach().reshape(-1)
+            h.update(flat[:: max(1, flat.numel() // 1024)].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:20]
 
 
 @dataclass
@@ -317,11 +421,26 @@ def _basis_rule(method_name: str) -> str:
 
 def _resolve_layers(model: nn.Module, bank: ConceptBank | None, cfg: TrainConfig) -> ConceptBank:
     if bank is None:
-        return ConceptBank(find_targets(model, cfg.targets), cfg.layer_naming, cfg.architecture)
-    bank.check_model(model)
-    if cfg.name in bank.names():
-        raise DuplicateConceptError(
-            f"concept name {cfg.name!r} is already in the bank; choose another name or drop the old concept"
+        bank = ConceptBank(find_targets(model, cfg.targets), cfg.layer_naming, cfg.architecture)
+    else:
+        bank.check_model(model)
+        if cfg.name in bank.names():
+            raise DuplicateConceptError(
+                f"concept name {cfg.name!r} is already in the bank; choose another name, or remove the old "
+                "concept from the bank first"
+            )
+        for c in bank.concepts:
+            for layer, cl in c.layers.items():
+                if not (bool(torch.isfinite(cl.A).all()) and bool(torch.isfinite(cl.B).all())):
+                    raise BankFormatError(
+                        f"concept {c.name!r} holds NaN or infinite values at layer {layer!r}; remove it from "
+                        "the bank before training on top of it"
+                    )
+    narrowest = min(bank.layers, key=lambda s: s.in_features)
+    if cfg.rank > narrowest.in_features:
+        raise ValueError(
+            f"rank: {cfg.rank} is more than layer {narrowest.name!r} can hold ({narrowest.in_features} inputs); "
+            f"use at most {narrowest.in_features}"
         )
     return bank
 
@@ -504,9 +623,7 @@ class _Run:
             if cfg.prior_loss_weight > 0 and self.prior_batches is not None:
                 total = loss + cfg.prior_loss_weight * self.loss_fn(self.model, self.prior_batches(self.step))
         if not torch.isfinite(total):
-            raise FloatingPointError(
-                f"loss is {float(total)} at step {self.step}; lower the learning rate (now {cfg.lr})"
-            )
+            raise _diverged(self, f"the loss is {float(total.detach())} at step {self.step + 1}", self.step == 0)
         total.backward()
         return loss
 
@@ -630,14 +747,32 @@ class _Run:
         out["losses"] = torch.tensor(self.losses, dtype=torch.float64)
         return out
 
-    def save_checkpoint(self, key: str) -> None:
+    def finite(self) -> str | None:
+        """None when every factor and the dual variables are finite, else the first layer where they are not."""
+        for g in self.groups:
+            for t in (g.A, g.B, g.lam.view(-1, 1, 1)):
+                bad = ~torch.isfinite(t.detach()).flatten(1).all(1)
+                if bool(bad.any()):
+                    return g.specs[int(bad.nonzero()[0])].name
+        return None
+
+    def save_checkpoint(self, key: str, settings: dict | None = None) -> None:
+        """Write the progress so far (atomically); a state with NaN or infinite values is never written."""
         path = self.cfg.checkpoint_path
-        if not path:
+        if not path or self.finite() is not None:
             return
-        meta = {"format": "seqlora-checkpoint", "key": key, "step": str(self.step), "timings": json.dumps(self.timings)}
+        meta = {
+            "format": "seqlora-checkpoint",
+            "key": key,
+            "step": str(self.step),
+            "timings": json.dumps(self.timings),
+            "settings": json.dumps(settings or {}),
+        }
         atomic_write_bytes(Path(path), save(self.state_tensors(), metadata=meta))
 
-    def try_resume(self, key: str) -> bool:
+    def try_resume(self, key: str, settings: dict | None = None) -> bool:
+        """Continue from the checkpoint when there is one. ResumeMismatchError when it was made from other
+        data or settings (it is left as it is: the user decides)."""
         path = self.cfg.checkpoint_path
         if not path or not Path(path).is_file():
             return False
@@ -647,12 +782,29 @@ class _Run:
             with safe_open(path, "pt") as f:
                 meta = f.metadata() or {}
             t = load_file(path)
+            if meta.get("format") != "seqlora-checkpoint":
+                raise ValueError("not a SeqLoRA checkpoint")
+            step = int(meta["step"])
         except Exception as e:  # a damaged checkpoint only costs the progress it held
             log.warning("checkpoint %s is unreadable (%s); starting the concept from step 0", path, e)
             return False
-        if meta.get("format") != "seqlora-checkpoint" or meta.get("key") != key:
-            log.warning("checkpoint %s belongs to other settings; starting the concept from step 0", path)
-            return False
+        if meta.get("key") != key:
+            try:
+                old = json.loads(meta.get("settings") or "{}")
+            except ValueError:
+                old = {}
+            changes = settings_changes(old, settings or {}) if old else []
+            what = "; ".join(changes[:6]) + ("; ..." if len(changes) > 6 else "") if changes else "other settings"
+            raise ResumeMismatchError(
+                f"the saved progress of {self.cfg.name!r} ({path}, step {step}) was made with other data or "
+                f"settings ({what}). Run with the same data and settings to resume, or delete that file to "
+                "start the concept over"
+            )
+        if not 0 <= step <= self.cfg.steps:
+            raise ResumeMismatchError(
+                f"the saved progress of {self.cfg.name!r} ({path}) is at step {step}, past the {self.cfg.steps} "
+                "steps asked for; ask for at least that many steps, or delete that file to start over"
+            )
         with torch.no_grad():
             for gi, g in enumerate(self.groups):
                 g.A.copy_(t[f"g{gi}.A"])
@@ -662,8 +814,8 @@ class _Run:
                     if opt is not None:
                         opt.m.copy_(t[f"g{gi}.{tag}.m"])
                         opt.v.copy_(t[f"g{gi}.{tag}.v"])
-                        opt.t = int(meta["step"])
-        self.step = int(meta["step"])
+                        opt.t = step
+        self.step = step
         self.losses = t["losses"].tolist()
         self.timings.update(json.loads(meta.get("timings", "{}")))
         log.info("resumed %s at step %d from %s", self.cfg.name, self.step, path)
@@ -684,6 +836,12 @@ def train_concept(
 ) -> ConceptBank:
     """Learn one concept and return a new bank with it appended (``bank`` itself is not changed).
 
+    With ``config.checkpoint_path``, progress is saved there every ``checkpoint_every`` steps and on an
+    interruption, and an existing checkpoint made from the same settings and data is resumed (one made from
+    others is a :class:`ResumeMismatchError`). The checkpoint is kept: remove it with
+    :func:`discard_checkpoint` once the returned bank is durably written. NaN or infinite losses or factors
+    stop the training with :class:`TrainingDiverged`; the checkpoint then holds the last good state.
+
     ``prior_batches`` (trigger-free prompts) feed the base model's statistics (concept 0) the first time;
     without it the concept's own batches are used. With ``config.prior_loss_weight > 0`` their denoising
     loss is also added to every step's loss (DreamBooth-style prior preservation; needs ``prior_batches``).
@@ -697,7 +855,9 @@ def train_concept(
     specs = bank.layers
     context = config.context or method.context
     earlier_names = bank.names()
-    key = config.resume_key(bank.fingerprint, earlier_names)
+    weights = _weights_digest(model, specs)
+    settings = config.resume_settings(bank.fingerprint, earlier_names, weights)
+    key = config.resume_key(bank.fingerprint, earlier_names, weights)
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
 
@@ -732,14 +892,14 @@ def train_concept(
             adapters = inject(model, specs)
             restore.callback(remove, model, adapters)
             run.attach(adapters)
-            run.try_resume(key)
+            run.try_resume(key, settings)
             _phase(cb, "train")
             t = time.perf_counter()
             # in the "mixed" context the last steps ran with and without the earlier concepts; the final
             # statistics are taken with them on, in a pass of their own
             window = _final_stats_window(config, run.step) if run.earlier is None else None
             recorder = MomentRecorder(model, specs) if window is not None else None
-            _train_loop(run, cb, key, recorder, window)
+            _train_loop(run, cb, key, settings, recorder, window)
             timings["train_s"] = time.perf_counter() - t
             t = time.perf_counter()
             if recorder is not None and run.recorded_steps == config.stats_batches:
@@ -752,19 +912,18 @@ def train_concept(
                 final = _run_stats(model, specs, loss_fn, batches, config.stats_batches, config.precision)
             timings["final_stats_s"] = time.perf_counter() - t
             concept = _make_concept(run, final, config, method)
+            concept.info["resume_key"] = key
         except BaseException as e:
-            if run is not None and run.step > 0 and not isinstance(e, TrainingCancelled):
+            # keep the progress of an interruption or an error; never that of a diverged step
+            if run is not None and run.step > 0 and not isinstance(e, (TrainingCancelled, TrainingDiverged)):
                 with contextlib.suppress(Exception):
-                    run.save_checkpoint(key)
+                    run.save_checkpoint(key, settings)
             raise
     timings.update({k: v for k, v in run.timings.items()})
     timings["total_s"] = time.perf_counter() - t_start
     timings["steps"] = float(config.steps)
     concept.timings = timings
-    new_bank = bank.with_concept(concept)
-    if config.checkpoint_path:
-        Path(config.checkpoint_path).unlink(missing_ok=True)
-    return new_bank
+    return bank.with_concept(concept)
 
 
 @contextlib.contextmanager
@@ -798,25 +957,54 @@ def _final_stats_window(config: TrainConfig, start: int) -> int | None:
 
 
 def _train_loop(
-    run: _Run, cb: TrainCallbacks, key: str, recorder: MomentRecorder | None = None, window: int | None = None
+    run: _Run,
+    cb: TrainCallbacks,
+    key: str,
+    settings: dict | None = None,
+    recorder: MomentRecorder | None = None,
+    window: int | None = None,
 ) -> None:
     """Step until done, reporting every step, checkpointing every ``checkpoint_every`` steps; a stop
-    request saves the checkpoint and raises :class:`TrainingCancelled`. From step ``window`` on, the
+    request saves the checkpoint and raises :class:`TrainingCancelled`, a non-finite loss or factor raises
+    :class:`TrainingDiverged` (the checkpoint keeps the last good state). From step ``window`` on, the
     concept loss's forward passes also feed ``recorder`` (the final statistics)."""
     config = run.cfg
     while run.step < config.steps:
         if cb.should_stop is not None and cb.should_stop():
-            run.save_checkpoint(key)
+            run.save_checkpoint(key, settings)
             raise TrainingCancelled(run.step, config.checkpoint_path)
         if recorder is not None and window is not None and run.step >= window:
             run.recorder = recorder
             run.recorded_steps += 1
         loss = run.do_step()
+        bad_layer = run.finite()
+        if not math.isfinite(loss) or bad_layer is not None:
+            if math.isfinite(loss):
+                what = f"the factors of layer {bad_layer!r} are not finite after step {run.step}"
+            else:
+                what = f"the loss is {loss} at step {run.step}"
+            raise _diverged(run, what)
         if cb.on_step is not None:
             rel, lam = run.interference_now() if run.method.constrained else (0.0, 0.0)
             cb.on_step(StepInfo(run.step, config.steps, loss, rel, lam))
         if config.checkpoint_path and run.step % config.checkpoint_every == 0 and run.step < config.steps:
-            run.save_checkpoint(key)
+            run.save_checkpoint(key, settings)
+
+
+def _diverged(run: _Run, what: str, before_update: bool = False) -> TrainingDiverged:
+    """The error for a non-finite loss or factor: what happened, what was kept, what to change."""
+    cfg = run.cfg
+    kept = ""
+    if cfg.checkpoint_path and Path(cfg.checkpoint_path).is_file():
+        kept = f" The last good progress is kept in {cfg.checkpoint_path}."
+    if before_update:
+        fix = (
+            "The data or the model give non-finite values before any update: check the images, and use an "
+            "fp32 VAE or precision."
+        )
+    else:
+        fix = f"Lower the learning rate (now {cfg.lr:g}) or the rank and train again (that starts the concept over)."
+    return TrainingDiverged(f"training {cfg.name!r} diverged: {what}; nothing of it was saved.{kept} {fix}")
 
 
 def _coin(seed: int, step: int) -> bool:

@@ -195,13 +195,16 @@ def test_bank_from_another_model_is_a_clear_node_error(comfy_server, resumed, ar
     assert digest(folder) == before, "a failed run changes no saved bank"
 
 
-def test_save_without_overwrite_refuses_and_keeps_the_file(comfy_server, resumed) -> None:
+def test_save_without_overwrite_keeps_the_file_and_takes_a_new_name(comfy_server, resumed) -> None:
     folder = comfy_server.models / "seqlora"
     before = digest(folder)
     g = {
         "1": {"class_type": "SeqLoRALoadBank", "inputs": {"bank_file": "resumed.safetensors"}},
         "2": {"class_type": "SeqLoRASaveBank", "inputs": {"bank": ["1", 0], "name": "resumed", "overwrite": False}},
     }
-    err = _error_of(comfy_server, g)
-    assert "already exists" in err["exception_message"]
-    assert digest(folder) == before
+    entry = comfy_server.run(g, timeout=600)
+    assert entry["status"]["status_str"] == "success", history_error(entry)
+    after = digest(folder)
+    assert {k: after[k] for k in before} == before, "no existing bank changed"
+    new = sorted(set(after) - set(before))
+    assert len(new) == 1 and new[0].startswith("resumed_0") and new[0].endswith(".safetensors"), new

@@ -32,11 +32,11 @@ def test_pack_registers_nodes_from_the_schema(pack) -> None:
 def test_image_folder_captions_drop_the_byte_order_mark(pack, comfy_models: Path) -> None:
     """Captions saved as 'UTF-8 with BOM' or 'Unicode' (UTF-16) come out as their text: the node used to
     read them on its own as UTF-8 and train on '\ufeff...'."""
-    folder = make_images(comfy_models / "input" / "bom", 2, size=64, seed=3)
+    folder = make_images(comfy_models / "input" / "seqlora" / "bom", 2, size=64, seed=3)
     (folder / "img_00.txt").write_bytes("\ufeffzq bom, first".encode())
     (folder / "img_01.txt").write_bytes("\ufeffzq bom, second".encode("utf-16-le"))
     with torch.inference_mode():
-        _, captions, count = pack.NODE_CLASS_MAPPINGS["SeqLoRAImageFolder"]().run("bom", 64)["result"]
+        _, captions, count = pack.NODE_CLASS_MAPPINGS["SeqLoRAImageFolder"]().run("seqlora/bom", 64)["result"]
     assert count == 2 and captions.split("\n") == ["zq bom, first", "zq bom, second"]
 
 
@@ -48,9 +48,9 @@ def trained(pack, tiny_loaded, comfy_models: Path):
     bank = None
     out_model = model
     for i, (name, colour) in enumerate((("red_ball", (220, 20, 20)), ("blue_box", (20, 20, 220)))):
-        make_images(comfy_models / "input" / name, 2, size=64, seed=20 + i, color=colour)
+        make_images(comfy_models / "input" / "seqlora" / name, 2, size=64, seed=20 + i, color=colour)
         with torch.inference_mode():
-            images, captions, _ = nodes["SeqLoRAImageFolder"]().run(name, 64)["result"]
+            images, captions, _ = nodes["SeqLoRAImageFolder"]().run(f"seqlora/{name}", 64)["result"]
             bank, out_model, loss = nodes[TRAIN]().run(
                 out_model,
                 clip,
@@ -165,9 +165,9 @@ def test_training_is_deterministic_and_an_interrupted_run_resumes_to_the_same_re
     import comfy.model_management as mm
     import comfy.utils
 
-    make_images(comfy_models / "input" / "det", 2, size=64, seed=40, color=(90, 200, 90))
+    make_images(comfy_models / "input" / "seqlora" / "det", 2, size=64, seed=40, color=(90, 200, 90))
     with torch.inference_mode():
-        images, captions, _ = pack.NODE_CLASS_MAPPINGS["SeqLoRAImageFolder"]().run("det", 64)["result"]
+        images, captions, _ = pack.NODE_CLASS_MAPPINGS["SeqLoRAImageFolder"]().run("seqlora/det", 64)["result"]
     autosave = comfy_models / "seqlora" / ".autosave"
     STEPS = 8  # noqa: N806
 

@@ -180,8 +180,9 @@ def test_add_concept_to_existing_bank(comfy_server, chain_run, info) -> None:
     run_ok(comfy_server, api, workflow=wf)
     names = [c["name"] for c in comfy_server.get(f"/seqlora/bank_info?file={BANK}")["concepts"]]
     assert names[-1] == "toy" and "dog" in names
-    bak = bank.with_name(bank.name + ".bak")
-    assert bak.is_file() and sha(bak) == before, "the previous bank is kept"
+    baks = list(bank.parent.glob(bank.name + ".bak*"))  # .bak, .bak2, ...: no backup is overwritten
+    newest = max(baks, key=lambda p: int(p.name.rsplit(".bak", 1)[1] or 1))
+    assert sha(newest) == before, "the previous bank is kept"
     assert (comfy_server.models / "loras" / "toy.safetensors").is_file()
     # queue again: the bank now holds 'toy'; the node recognises it and trains nothing
     entry, rec = run_ok(comfy_server, api)
