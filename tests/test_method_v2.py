@@ -52,9 +52,10 @@ def _linear_run(method: str, concepts: int = 3, **config):
 
 def test_protection_keeps_the_new_adapter_silent_on_earlier_activations():
     # inputs drawn from the earlier concepts' and the prior's activations barely move the new adapter's output
+    # (theta 0.99: this layer has the room; the default 0.9 trades some silence for learning, see settings)
     outputs = {}
     for protect in ("adaptive", "off"):
-        world, bank = _linear_run("seqlora", protect=protect)
+        world, bank = _linear_run("seqlora", protect=protect, protect_energy=0.99)
         last = bank.concepts[-1]
         g = torch.Generator().manual_seed(9)
         x = torch.cat([world.inputs(t, g, 2000) for t in (None, 0, 1)])

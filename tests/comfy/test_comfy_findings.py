@@ -100,9 +100,9 @@ def test_a_changed_setting_after_a_cancel_prunes_the_old_progress_and_says_so(
     import comfy.model_management as mm
     import comfy.utils
 
-    make_images(comfy_models / "input" / "stale", 2, size=64, seed=9, color=(20, 160, 200))
+    make_images(comfy_models / "input" / "seqlora" / "stale", 2, size=64, seed=9, color=(20, 160, 200))
     with torch.inference_mode():
-        images, captions, _ = pack.NODE_CLASS_MAPPINGS["SeqLoRAImageFolder"]().run("stale", 64)["result"]
+        images, captions, _ = pack.NODE_CLASS_MAPPINGS["SeqLoRAImageFolder"]().run("seqlora/stale", 64)["result"]
     autosave = comfy_models / "seqlora" / ".autosave"
 
     def interrupt_at_3(value, total, preview, node_id=None):
@@ -130,11 +130,11 @@ def test_a_changed_setting_after_a_cancel_prunes_the_old_progress_and_says_so(
 
 
 def test_unreadable_images_are_listed_on_the_image_folder_node(pack, comfy_models: Path) -> None:
-    folder = make_images(comfy_models / "input" / "broken", 2, size=64, seed=4)
+    folder = make_images(comfy_models / "input" / "seqlora" / "broken", 2, size=64, seed=4)
     (folder / "truncated.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     (folder / "notes.jpg").write_bytes(b"plain text")
     with torch.inference_mode():
-        out = pack.NODE_CLASS_MAPPINGS["SeqLoRAImageFolder"]().run("broken", 64)
+        out = pack.NODE_CLASS_MAPPINGS["SeqLoRAImageFolder"]().run("seqlora/broken", 64)
     text = out["ui"]["text"][0]
     assert out["result"][2] == 2
     assert text.startswith("2 images; skipped 2 unreadable files:")
