@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..seqlora_core.data.captions import check_template, make_caption, make_prior_caption
+from ..seqlora_core.data.captions import check_template, make_caption
 from ..seqlora_core.method.trainer import TrainConfig
 
 CHECKPOINT_EVERY = 25  # steps between autosaved checkpoints inside ComfyUI
@@ -104,4 +104,4 @@ def check_train_inputs(
         config.validate()
     except ValueError as e:
         raise ValueError(_input_name(str(e))) from None
-    return TrainRequest(config, phrase, caps, [make_prior_caption(c, phrase) for c in caps], int(batch_size))
+    return TrainRequest(config, phrase, caps, int(batch_size))

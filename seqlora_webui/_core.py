@@ -8,6 +8,7 @@ transformers), which is what Automatic1111's and Forge's venvs are sure to have.
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 
 from seqlora_core import (
@@ -72,10 +73,17 @@ def export_lora(bank: ConceptBank, name: str, path: str | Path, title: str, dtyp
 
     The core's exporter names the file's alias after the concept; the web UI needs the alias to be the
     file's stem, so that tags, card clicks and pasted infotexts (which the host rewrites to the alias)
-    all use one name. The header is rewritten in place; tensor bytes are untouched.
+    all use one name. The header is rewritten; tensor bytes are untouched. These files are the extension's
+    own (rewritten whenever their concept changes), so an existing one is replaced atomically, without the
+    ``.bak`` copy the core keeps of a user's file.
     """
-    path = Path(export_concept(bank, name, path, "kohya", dtype))
-    raw = path.read_bytes()
+    path = Path(path)
+    fresh = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.export.safetensors")
+    try:
+        export_concept(bank, name, fresh, "kohya", dtype)
+        raw = fresh.read_bytes()
+    finally:
+        fresh.unlink(missing_ok=True)
     n = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8 : 8 + n])
     meta = header.setdefault("__metadata__", {})

@@ -124,7 +124,7 @@ def form(tmp_path: Path, **kw) -> TrainRequest:
         ({"targets": "everything"}, "targets: unknown 'everything'"),
         ({"resolution": 30}, "resolution: 30; use a positive multiple of 8"),
         ({"rank": 0}, "rank: 0 is out of range"),
-        ({"steps": 0}, "steps: 0; use at least 1"),
+        ({"steps": 0}, "steps: 0; use 1..10000000"),
         ({"bank": "../x"}, "inside the banks folder"),
     ],
 )
