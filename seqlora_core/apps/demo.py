@@ -188,6 +188,7 @@ def run_demo(
         },
         "identity_metric": "probability the toy identity CNN gives the prompted concept (chance 1/65)",
     }
+    summary["seqlora_wall_seconds"] = round(time.perf_counter() - t0, 1)  # without the plain-LoRA comparison
     if compare_lora:
         lora_bank, _ = _learn_all(pipe, ids, out / "lora", steps, seed, quiet, "lora", ev)
         summary["lora_prior_drift_pixels"] = prior_drift(pipe, lora_bank, ev, base_images=base_prior)
