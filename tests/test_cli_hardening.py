@@ -154,6 +154,22 @@ BAD_INPUTS = [
         "no concept 'ghost' in the bank; it has: c0, c1",
     ),
     (
+        [
+            "generate",
+            "--base",
+            "tiny",
+            "--bank",
+            "bank.safetensors",
+            "--prompt",
+            "x",
+            "--out",
+            "x.png",
+            "--concepts",
+            "c0:1e9",
+        ],
+        "--concepts: strength 1e+09 of 'c0' is outside -20..20",
+    ),
+    (
         ["generate", "--base", "tiny", "--bank", "hostile.safetensors", "--prompt", "x", "--out", "x.png"],
         "holds NaN or infinite values",
     ),

@@ -354,7 +354,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--steps: {args.steps}; use 1..1000 sampling steps (30 is typical)")
     if not math.isfinite(args.guidance):
         raise ValueError(f"--guidance: {args.guidance}; give a finite number (7.5 is typical)")
-    chosen = selection.enabled_strengths(selection.parse_selection(args.concepts, "--concepts"))
+    items = selection.parse_selection(args.concepts, "--concepts")
+    selection.check_strengths(items, "--concepts")
+    chosen = selection.enabled_strengths(items)
     device = _device(args.device)
     bank = ConceptBank.load(args.bank)
     for name in chosen:
