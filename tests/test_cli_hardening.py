@@ -88,6 +88,8 @@ BAD_INPUTS = [
     (_train("--batch-size", "0"), "--batch-size: 0"),
     (_train("--resolution", "100"), "--resolution: 100; use a positive multiple of 8"),
     (_train("--prior-images", "0"), "--prior-images: 0"),
+    (_train("--min-snr-gamma", "nan"), "--min-snr-gamma: nan; give a positive number"),
+    (_train("--min-snr-gamma", "-1"), "--min-snr-gamma: -1.0; give a positive number"),
     (_train("--caption-template", "a {foo}"), "--caption-template: 'a {foo}' names {foo}"),
     (_train("--caption-template", "a {"), "--caption-template: 'a {' is not a valid template"),
     (_train("--device", "tpu9"), "--device: 'tpu9'"),

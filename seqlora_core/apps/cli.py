@@ -164,6 +164,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     _positive(args.prior_images, "--prior-images")
     if args.class_prompt is not None:
         selection.check_trigger(args.class_prompt, "--class-prompt")
+    if args.min_snr_gamma is not None and not (math.isfinite(args.min_snr_gamma) and args.min_snr_gamma > 0):
+        raise ValueError(
+            f"--min-snr-gamma: {args.min_snr_gamma}; give a positive number (5 is typical) or leave it off"
+        )
     bank_path = _suffix(args.bank, "--bank", (".safetensors",))
     if not Path(args.images).is_dir():
         raise FileNotFoundError(f"--images: image folder not found: {args.images}")
