@@ -228,12 +228,12 @@ class SeqLoRATrainConcept:
 
 
 def folder_summary(images: int, count: int, skipped: list[str]) -> str:
-    """What the Image Folder node read, and every file it skipped (shown on the node)."""
+    """What the Image Folder node read, and every file it skipped with why (shown on the node)."""
     text = f"{images} image{'s' if images != 1 else ''}"
     if count != images:
         text += f" ({count} with repeats)"
     if skipped:
-        text += f"; skipped {len(skipped)} unreadable file{'s' if len(skipped) != 1 else ''}: " + ", ".join(skipped)
+        text += f"; skipped {len(skipped)} file{'s' if len(skipped) != 1 else ''}: " + "; ".join(skipped)
     return text
 
 
@@ -258,9 +258,9 @@ class SeqLoRAImageFolder:
         idx = ds.weighted_indices()
         pixels = torch.stack([ds.pixels_u8[i].permute(1, 2, 0) for i in idx]).float() / 255.0
         lines = [caption_line(ds.given_captions[i]) for i in idx]
-        skipped = [p.relative_to(root).as_posix() for p in ds.skipped]
+        skipped = [f"{p.relative_to(root).as_posix()}: {why}" for p, why in ds.skip_reasons.items()]
         if skipped:
-            log.warning("SeqLoRA: skipped %d unreadable image(s) in %s: %s", len(skipped), root, ", ".join(skipped))
+            log.warning("SeqLoRA: skipped %d image(s) in %s: %s", len(skipped), root, "; ".join(skipped))
         text = folder_summary(len(ds.paths), len(idx), skipped)
         return {"ui": {"text": [text]}, "result": (pixels, "\n".join(lines), len(idx))}
 

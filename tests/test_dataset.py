@@ -228,6 +228,21 @@ def test_an_image_over_the_size_limit_is_called_too_large(tmp_path, monkeypatch)
     assert "img1.png: too large" in msg and "downscale it" in msg and len(ds) == 1
 
 
+def test_each_skipped_image_keeps_its_reason_without_the_folder_path(tmp_path, monkeypatch):
+    """Hosts (the Image Folder node) show why each file was skipped: a big image is 'too large', not
+    'unreadable', and no reason holds the folder's absolute path."""
+    concept_folder(tmp_path, [(32, 32), (64, 64)])
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1500)
+    with pytest.warns(UserWarning):
+        ds = ConceptDataset.from_folder(tmp_path, "zq", resolution=32)
+    reasons = {p.name: why for p, why in ds.skip_reasons.items()}
+    assert sorted(reasons) == ["broken.png", "img1.png"] and list(ds.skip_reasons) == ds.skipped
+    assert reasons["img1.png"].startswith("too large") and reasons["img1.png"].endswith("downscale it")
+    assert reasons["broken.png"].startswith("unreadable")
+    assert not any(str(tmp_path) in why for why in reasons.values()), reasons
+
+
 def test_a_caption_template_with_other_placeholders_is_refused(tmp_path):
     concept_folder(tmp_path, [(32, 32)])
     with pytest.raises(ValueError, match="caption_template: 'a {thing}' names {thing}"):

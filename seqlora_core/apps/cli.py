@@ -164,6 +164,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     _positive(args.prior_images, "--prior-images")
     if args.class_prompt is not None:
         selection.check_trigger(args.class_prompt, "--class-prompt")
+    if args.min_snr_gamma is not None and not (math.isfinite(args.min_snr_gamma) and args.min_snr_gamma > 0):
+        raise ValueError(
+            f"--min-snr-gamma: {args.min_snr_gamma}; give a positive number (5 is typical) or leave it off"
+        )
     bank_path = _suffix(args.bank, "--bank", (".safetensors",))
     if not Path(args.images).is_dir():
         raise FileNotFoundError(f"--images: image folder not found: {args.images}")
@@ -354,7 +358,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--steps: {args.steps}; use 1..1000 sampling steps (30 is typical)")
     if not math.isfinite(args.guidance):
         raise ValueError(f"--guidance: {args.guidance}; give a finite number (7.5 is typical)")
-    chosen = selection.enabled_strengths(selection.parse_selection(args.concepts, "--concepts"))
+    items = selection.parse_selection(args.concepts, "--concepts")
+    selection.check_strengths(items, "--concepts")
+    chosen = selection.enabled_strengths(items)
     device = _device(args.device)
     bank = ConceptBank.load(args.bank)
     for name in chosen:

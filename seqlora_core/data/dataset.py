@@ -100,6 +100,7 @@ class ConceptDataset:
     original_sizes: list[tuple[int, int]] = field(default_factory=list)  # (h, w) before resizing
     crops_top_left: list[tuple[int, int]] = field(default_factory=list)  # (top, left)
     skipped: list[Path] = field(default_factory=list)
+    skip_reasons: dict[Path, str] = field(default_factory=dict)  # why each skipped image was skipped
 
     @classmethod
     def from_folder(
@@ -139,10 +140,10 @@ class ConceptDataset:
                     im.load()
                     rgb = to_rgb(im)
             except Image.DecompressionBombError as e:
-                reasons[file] = f"too large ({e}); downscale it"
+                reasons[file] = f"too large ({str(e).replace(str(file), file.name)}); downscale it"
                 continue
             except (OSError, ValueError, SyntaxError) as e:
-                reasons[file] = f"unreadable ({type(e).__name__}: {str(e)[:80]})"
+                reasons[file] = f"unreadable ({type(e).__name__}: {str(e).replace(str(file), file.name)[:80]})"
                 continue
             out, crop = resize_image(rgb, resolution, resize)
             caption_file = file.with_suffix(".txt")
@@ -160,7 +161,8 @@ class ConceptDataset:
             ds.repeats.append(reps)
             ds.original_sizes.append((rgb.height, rgb.width))
             ds.crops_top_left.append(crop)
-        ds.skipped = [p for p in reasons if p.suffix.lower() in IMAGE_EXTS]
+        ds.skip_reasons = {p: why for p, why in reasons.items() if p.suffix.lower() in IMAGE_EXTS}
+        ds.skipped = list(ds.skip_reasons)
         if reasons:
             shown = "; ".join(f"{_relative(p, root)}: {why}" for p, why in list(reasons.items())[:20])
             more = f"; and {len(reasons) - 20} more" if len(reasons) > 20 else ""

@@ -1,6 +1,6 @@
 """Findings from a real ComfyUI, each fixed and checked there: absurd loader strengths are a clear node error
 (through the server, as the browser sends them), a cancelled training whose settings changed is pruned
-from the autosaves with a notice that it restarts, and unreadable images are listed on the Image Folder
+from the autosaves with a notice that it restarts, and skipped images are listed with why on the Image Folder
 node."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from comfy_harness import SD15_CHECKPOINT, history_error, make_images
+from PIL import Image
 
 pytestmark = pytest.mark.slow
 TRAIN = "SeqLoRATrainConcept"
@@ -129,13 +130,17 @@ def test_a_changed_setting_after_a_cancel_prunes_the_old_progress_and_says_so(
     assert again["ui"]["text"] == []
 
 
-def test_unreadable_images_are_listed_on_the_image_folder_node(pack, comfy_models: Path) -> None:
+def test_skipped_images_are_listed_with_why_on_the_image_folder_node(pack, comfy_models: Path, monkeypatch) -> None:
     folder = make_images(comfy_models / "input" / "seqlora" / "broken", 2, size=64, seed=4)
     (folder / "truncated.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     (folder / "notes.jpg").write_bytes(b"plain text")
+    Image.new("RGB", (96, 96)).save(folder / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 96 * 96 // 3)  # over twice the limit: a decompression bomb
     with torch.inference_mode():
         out = pack.NODE_CLASS_MAPPINGS["SeqLoRAImageFolder"]().run("seqlora/broken", 64)
     text = out["ui"]["text"][0]
     assert out["result"][2] == 2
-    assert text.startswith("2 images; skipped 2 unreadable files:")
-    assert "truncated.png" in text and "notes.jpg" in text
+    assert text.startswith("2 images; skipped 3 files:")
+    assert "truncated.png: unreadable" in text and "notes.jpg: unreadable" in text
+    assert "big.png: too large" in text and "downscale it" in text, "a big image is not called unreadable"
+    assert str(folder) not in text, "no absolute path on the node"
