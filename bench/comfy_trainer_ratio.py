@@ -170,12 +170,12 @@ def _run_in(
 
     ckpt = checkpoint or h.build_tiny_checkpoint(tmp / f"{family}.safetensors", family=family)
     model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(ckpt), output_vae=True, output_clip=True)[:3]
-    h.make_images(tmp / "models" / "input" / "bench", 4, size=px, seed=5, color=(200, 60, 20))
+    h.make_images(tmp / "models" / "input" / "seqlora" / "bench", 4, size=px, seed=5, color=(200, 60, 20))
     nodes = pack.NODE_CLASS_MAPPINGS
     results: dict[str, dict] = {}
     dtype = "fp32" if device == "cpu" else "bf16"
     with torch.inference_mode():
-        images, captions, _ = nodes["SeqLoRAImageFolder"]().run("bench", px)["result"]
+        images, captions, _ = nodes["SeqLoRAImageFolder"]().run("seqlora/bench", px)["result"]
         results[THEIRS] = _comfy_trainer(nt, model, vae, clip, images, steps, rank, dtype)
         mm.unload_all_models()
 

@@ -18,5 +18,8 @@ def test_parse_selection() -> None:
     assert enabled_strengths(items) == {"a": 1.0}
     with pytest.raises(ValueError, match="concepts: strength 'strong' of 'dog' is not a number"):
         parse_selection("dog:strong")
+    for bad in ("strong", "nan", "inf", "-inf"):  # each message says what to write instead
+        with pytest.raises(ValueError, match=f"strength '{bad}' of 'dog' .*; write e.g. dog:1.0"):
+            parse_selection(f"dog:{bad}")
     with pytest.raises(ValueError, match="--concepts: empty concept name"):
         parse_selection(":0.5", "--concepts")

@@ -621,6 +621,54 @@ def history_error(entry: Mapping[str, Any]) -> dict | None:
     return None
 
 
+# --------------------------------------------------------------------------- API prompts
+
+SAMPLER_OUTPUT = "105"  # the id of the image output node of `sampler_graph`
+
+
+def sampler_graph(
+    checkpoint: str,
+    model: list | None = None,
+    *,
+    prompt: str = "a photo",
+    seed: int = 0,
+    steps: int = 1,
+    cfg: float = 1.0,
+    size: int = 64,
+    output: str = "SaveImage",
+    prefix: str = "seqlora",
+) -> dict[str, dict[str, Any]]:
+    """An API prompt that loads `checkpoint` (node "1") and samples one image from `model` (a link such as
+    ``["2", 0]``; the checkpoint's own model by default) with the prompt as both conditionings, decodes it
+    and hands it to `output` (``SaveImage`` with `prefix`, or ``PreviewImage``) as node `SAMPLER_OUTPUT`.
+    Nodes "101" to "105" are the sampling chain; callers add the nodes that `model` comes from."""
+    images: dict[str, Any] = {"images": ["104", 0]}
+    if output == "SaveImage":
+        images["filename_prefix"] = prefix
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
+        "101": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": prompt}},
+        "102": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
+        "103": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": model or ["1", 0],
+                "positive": ["101", 0],
+                "negative": ["101", 0],
+                "latent_image": ["102", 0],
+                "seed": seed,
+                "steps": steps,
+                "cfg": cfg,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "denoise": 1.0,
+            },
+        },
+        "104": {"class_type": "VAEDecode", "inputs": {"samples": ["103", 0], "vae": ["1", 2]}},
+        SAMPLER_OUTPUT: {"class_type": output, "inputs": images},
+    }
+
+
 class EventRecorder:
     """Records every JSON websocket event for one client id in a background thread."""
 

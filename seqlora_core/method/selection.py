@@ -45,9 +45,13 @@ def parse_selection(text: str, field: str = "concepts") -> list[Item]:
         try:
             value = float(strength)
         except ValueError:
-            raise ValueError(f"{field}: strength {strength.strip()!r} of {name!r} is not a number") from None
+            raise ValueError(
+                f"{field}: strength {strength.strip()!r} of {name!r} is not a number; write e.g. {name}:1.0"
+            ) from None
         if not math.isfinite(value):
-            raise ValueError(f"{field}: strength {strength.strip()!r} of {name!r} is not a finite number")
+            raise ValueError(
+                f"{field}: strength {strength.strip()!r} of {name!r} is not a finite number; write e.g. {name}:1.0"
+            )
         out.append((name, value, enabled))
     return out
 

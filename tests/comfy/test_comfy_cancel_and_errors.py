@@ -9,7 +9,14 @@ from typing import Any
 
 import pytest
 import torch
-from comfy_harness import SD15_CHECKPOINT, EventRecorder, history_error, history_messages, make_images
+from comfy_harness import (
+    SD15_CHECKPOINT,
+    EventRecorder,
+    history_error,
+    history_messages,
+    make_images,
+    sampler_graph,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -165,30 +172,11 @@ def test_bank_from_another_model_is_a_clear_node_error(comfy_server, resumed, ar
     )
     assert err["node_type"] == "SeqLoRATrainConcept" and message in err["exception_message"]
     loader = {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SD15_CHECKPOINT}},
+        **sampler_graph(SD15_CHECKPOINT, ["2", 0], prompt="x", seed=1, output="PreviewImage"),
         "2": {
             "class_type": "SeqLoRAMultiConceptLoader",
             "inputs": {"model": ["1", 0], "bank_file": f"foreign_{arch}.safetensors", "concepts": "", "mode": "merged"},
         },
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "x"}},
-        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "5": {
-            "class_type": "KSampler",
-            "inputs": {
-                "model": ["2", 0],
-                "positive": ["3", 0],
-                "negative": ["3", 0],
-                "latent_image": ["4", 0],
-                "seed": 1,
-                "steps": 1,
-                "cfg": 1.0,
-                "sampler_name": "euler",
-                "scheduler": "normal",
-                "denoise": 1.0,
-            },
-        },
-        "6": {"class_type": "PreviewImage", "inputs": {"images": ["7", 0]}},
-        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
     }
     err = _error_of(comfy_server, loader)
     assert err["node_type"] == "SeqLoRAMultiConceptLoader" and message in err["exception_message"]

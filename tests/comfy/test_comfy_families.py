@@ -11,7 +11,14 @@ from typing import Any
 
 import pytest
 import torch
-from comfy_harness import build_tiny_checkpoint, cache_dir, history_error, make_images
+from comfy_harness import (
+    SAMPLER_OUTPUT,
+    build_tiny_checkpoint,
+    cache_dir,
+    history_error,
+    make_images,
+    sampler_graph,
+)
 
 pytestmark = pytest.mark.slow
 TRAIN = "SeqLoRATrainConcept"
@@ -265,8 +272,11 @@ def test_models_it_cannot_train_get_a_message_naming_what_it_trains(pack, comfyu
 def _workflow(checkpoint: str, folder: str, name: str, layers: str) -> dict[str, Any]:
     """Checkpoint -> image folder -> train (on the layers of bank file `layers`) -> export, and the trained
     model sampled and saved."""
+    sampled = sampler_graph(
+        checkpoint, ["3", 1], prompt=f"a photo of zq {name}", steps=2, cfg=5.0, prefix=f"fam_{name}"
+    )
     return {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
+        **sampled,
         "11": {"class_type": "SeqLoRALoadBank", "inputs": {"bank_file": layers}},
         "2": {"class_type": "SeqLoRAImageFolder", "inputs": {"folder": folder, "resolution": 64}},
         "3": {
@@ -295,60 +305,14 @@ def _workflow(checkpoint: str, folder: str, name: str, layers: str) -> dict[str,
             "class_type": "SeqLoRAExportLoRA",
             "inputs": {"bank": ["3", 0], "concept_name": "", "filename": name, "dtype": "fp16", "overwrite": True},
         },
-        "5": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": f"a photo of zq {name}"}},
-        "7": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "8": {
-            "class_type": "KSampler",
-            "inputs": {
-                "model": ["3", 1],
-                "positive": ["5", 0],
-                "negative": ["5", 0],
-                "latent_image": ["7", 0],
-                "seed": 0,
-                "steps": 2,
-                "cfg": 5.0,
-                "sampler_name": "euler",
-                "scheduler": "normal",
-                "denoise": 1.0,
-            },
-        },
-        "9": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["1", 2]}},
-        "10": {"class_type": "SaveImage", "inputs": {"images": ["9", 0], "filename_prefix": f"fam_{name}"}},
     }
 
 
 def _stock_lora_workflow(checkpoint: str, lora: str) -> dict[str, Any]:
+    stock = {"model": ["1", 0], "clip": ["1", 1], "lora_name": lora, "strength_model": 1.0, "strength_clip": 0.0}
     return {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
-        "2": {
-            "class_type": "LoraLoader",
-            "inputs": {
-                "model": ["1", 0],
-                "clip": ["1", 1],
-                "lora_name": lora,
-                "strength_model": 1.0,
-                "strength_clip": 0.0,
-            },
-        },
-        "5": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a photo"}},
-        "7": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "8": {
-            "class_type": "KSampler",
-            "inputs": {
-                "model": ["2", 0],
-                "positive": ["5", 0],
-                "negative": ["5", 0],
-                "latent_image": ["7", 0],
-                "seed": 0,
-                "steps": 1,
-                "cfg": 1.0,
-                "sampler_name": "euler",
-                "scheduler": "normal",
-                "denoise": 1.0,
-            },
-        },
-        "9": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["1", 2]}},
-        "10": {"class_type": "SaveImage", "inputs": {"images": ["9", 0], "filename_prefix": "fam_stock"}},
+        **sampler_graph(checkpoint, ["2", 0], prefix="fam_stock"),
+        "2": {"class_type": "LoraLoader", "inputs": stock},
     }
 
 
@@ -365,7 +329,7 @@ def test_a_workflow_trains_the_family_and_the_stock_loader_takes_the_export(comf
     _layer_bank(_load(family_checkpoints[family])[0], family).save(comfy_server.models / "seqlora" / layers)
     entry = comfy_server.run(_workflow(CHECKPOINTS[family], f"seqlora/{name}", name, layers), timeout=1800)
     assert entry["status"]["status_str"] == "success", history_error(entry)
-    assert entry["outputs"]["10"]["images"], "the trained model sampled an image"
+    assert entry["outputs"][SAMPLER_OUTPUT]["images"], "the trained model sampled an image"
     lora = comfy_server.models / "loras" / f"{name}.safetensors"
     with safe_open(str(lora), "pt") as f:
         keys, meta = list(f.keys()), f.metadata()

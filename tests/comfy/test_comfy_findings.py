@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from comfy_harness import SD15_CHECKPOINT, history_error, make_images
+from comfy_harness import SD15_CHECKPOINT, history_error, make_images, sampler_graph
 from PIL import Image
 
 pytestmark = pytest.mark.slow
@@ -17,31 +17,10 @@ TRAIN = "SeqLoRATrainConcept"
 
 
 def _loader_graph(bank_file: str, concepts: str) -> dict:
+    loader = {"model": ["1", 0], "bank_file": bank_file, "concepts": concepts, "mode": "merged"}
     return {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SD15_CHECKPOINT}},
-        "2": {
-            "class_type": "SeqLoRAMultiConceptLoader",
-            "inputs": {"model": ["1", 0], "bank_file": bank_file, "concepts": concepts, "mode": "merged"},
-        },
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a photo"}},
-        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "5": {
-            "class_type": "KSampler",
-            "inputs": {
-                "model": ["2", 0],
-                "positive": ["3", 0],
-                "negative": ["3", 0],
-                "latent_image": ["4", 0],
-                "seed": 0,
-                "steps": 1,
-                "cfg": 1.0,
-                "sampler_name": "euler",
-                "scheduler": "normal",
-                "denoise": 1.0,
-            },
-        },
-        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
-        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "strength"}},
+        **sampler_graph(SD15_CHECKPOINT, ["2", 0], prefix="strength"),
+        "2": {"class_type": "SeqLoRAMultiConceptLoader", "inputs": loader},
     }
 
 

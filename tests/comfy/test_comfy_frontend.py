@@ -145,12 +145,14 @@ def test_workflow_layout_shows_every_node_and_chart_whole(page, comfy_server, na
     from comfy_harness import REPO_ROOT, load_workflow, node_boxes, overlaps
 
     cdp, _ = page
-    boxes = node_boxes(cdp, load_workflow(REPO_ROOT / "workflows" / f"{name}.json"))
+    workflow = load_workflow(REPO_ROOT / "workflows" / f"{name}.json")
+    boxes = node_boxes(cdp, workflow)
     assert overlaps(boxes) == []
     short = [b for b in boxes if b["need_w"] > b["w"] + 1 or b["need_h"] > b["body_h"] + 1]
     assert short == [], short
     trains = [b for b in boxes if b["type"] == "SeqLoRATrainConcept"]
-    assert trains and all(b["need_h"] >= 130 for b in trains), "the chart is part of the Train node's size"
+    assert len(trains) == sum(n["type"] == "SeqLoRATrainConcept" for n in workflow["nodes"]), "each one measured"
+    assert all(b["need_h"] >= 130 for b in trains), "the chart is part of the Train node's size"
 
 
 def test_every_template_has_a_thumbnail_the_browser_can_show(page, comfy_server) -> None:

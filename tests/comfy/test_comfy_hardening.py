@@ -49,8 +49,8 @@ def images_root(comfy_models: Path) -> Path:
 
 def test_folders_inside_input_seqlora_are_read(folder_node, images_root) -> None:
     with torch.inference_mode():
-        images, captions, count = folder_node().run("seqlora/safe", 64)
-        same, _, _ = folder_node().run(str(images_root / "safe"), 64)
+        images, captions, count = folder_node().run("seqlora/safe", 64)["result"]
+        same, _, _ = folder_node().run(str(images_root / "safe"), 64)["result"]
     assert count == 2 and captions.split("\n") == ["zq safe", "zq safe"] and torch.equal(images, same)
 
 
@@ -79,9 +79,11 @@ def test_links_that_leave_the_folder_are_not_followed(folder_node, images_root, 
     (mixed / "stolen.png").symlink_to(secret / "img_00.png")
     (mixed / "img_00.txt").symlink_to(secret / "notes.txt")
     (mixed / "1_more").symlink_to(secret, target_is_directory=True)
-    with pytest.warns(UserWarning, match="leads outside the folder"), torch.inference_mode():
-        _, captions, count = folder_node().run("seqlora/mixed", 64)
+    with torch.inference_mode():
+        out = folder_node().run("seqlora/mixed", 64)
+    _, captions, count = out["result"]
     assert count == 1 and "secret" not in captions
+    assert out["ui"]["text"] == ["1 image; skipped 1 unreadable file: stolen.png"], "the node names what it left out"
 
 
 def test_extra_model_paths_can_add_image_folders(folder_node, images_root, tmp_path) -> None:
@@ -94,7 +96,7 @@ def test_extra_model_paths_can_add_image_folders(folder_node, images_root, tmp_p
     folder_paths.add_model_folder_path(key, str(extra))
     try:
         with torch.inference_mode():
-            assert folder_node().run(str(extra / "cat"), 64)[2] == 2
+            assert folder_node().run(str(extra / "cat"), 64)["result"][2] == 2
         with pytest.raises(ValueError, match="outside"):
             folder_node().run(str(tmp_path), 64)
     finally:
@@ -199,14 +201,35 @@ def test_export_never_replaces_a_bank(pack, comfy_models) -> None:
     assert _sha(trap) == before
 
 
+# names that a plain file-name rule would fold together: a folder separator of either system, its stand-in,
+# a case change, the names of the folder itself and its parent
+SHARED_STEMS = ("a/b", "a\\b", "a_b", "A_b", "..", ".", "a b")
+
+
 def test_distinct_concept_names_never_share_a_file(pack, comfy_models) -> None:
-    bank = _bank()
-    renamed = [dataclasses.replace(c, name=n) for c, n in zip(bank.concepts, ("a/b", "a_b"), strict=True)]
+    bank = _bank(len(SHARED_STEMS))
+    renamed = [dataclasses.replace(c, name=n) for c, n in zip(bank.concepts, SHARED_STEMS, strict=True)]
     bank = dataclasses.replace(bank, concepts=renamed)
     node = pack.NODE_CLASS_MAPPINGS["SeqLoRAExportLoRA"]
-    paths = [Path(node().run(bank, name, "", "fp16", False)["result"][0]) for name in ("a/b", "a_b")]
-    assert paths[0] != paths[1] and all(p.parent == comfy_models / "loras" for p in paths), paths
-    assert paths[1].name == "a_b.safetensors"
+    outs = [node().run(bank, name, "", "fp16", False) for name in SHARED_STEMS]
+    paths = [Path(out["result"][0]) for out in outs]
+    assert len({p.name.lower() for p in paths}) == len(SHARED_STEMS), paths
+    assert all(p.parent == comfy_models / "loras" and p.is_file() for p in paths), paths
+    assert paths[2].name == "a_b.safetensors", "a safe lower-case name is its own file name"
+    for name, out, path in zip(SHARED_STEMS, outs, paths, strict=True):
+        assert out["ui"]["text"][0].startswith(f"exported {name!r} to models/loras/{path.name}")
+    autosaves = {pack.nodes.autosave.Autosave.of(name, "0" * 20).checkpoint.name.lower() for name in SHARED_STEMS}
+    assert len(autosaves) == len(SHARED_STEMS), "nor an autosave"
+
+
+@pytest.mark.parametrize("name", ["x" * 300, "a:b", "!a"])
+def test_concept_names_a_bank_cannot_take_are_a_clear_train_node_error(pack, name) -> None:
+    with pytest.raises(ValueError, match="^concept_name: ") as err:
+        pack.nodes.train_inputs.check_train_inputs(
+            2, name, "zq", "seqlora", 4, 3, 1e-3, 0.05, "attn", 0, 1, "a photo of {trigger}", None, "sd15"
+        )
+    fix = "300 characters; use at most 100" if len(name) == 300 else "(e.g. 'my_dog')"
+    assert fix in str(err.value), err.value
 
 
 @pytest.mark.parametrize(
