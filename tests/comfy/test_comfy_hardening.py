@@ -83,7 +83,9 @@ def test_links_that_leave_the_folder_are_not_followed(folder_node, images_root, 
         out = folder_node().run("seqlora/mixed", 64)
     _, captions, count = out["result"]
     assert count == 1 and "secret" not in captions
-    assert out["ui"]["text"] == ["1 image; skipped 1 unreadable file: stolen.png"], "the node names what it left out"
+    assert out["ui"]["text"] == [
+        "1 image; skipped 1 file: stolen.png: a link that leads outside the folder (not read)"
+    ], "the node names what it left out and why"
 
 
 def test_extra_model_paths_can_add_image_folders(folder_node, images_root, tmp_path) -> None:
