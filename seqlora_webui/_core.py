@@ -36,6 +36,7 @@ from seqlora_core.method.report import capacity
 from seqlora_core.method.selection import format_selection as format_concepts
 from seqlora_core.method.selection import parse_selection as parse_concepts
 from seqlora_core.method.targets import layer_spec, resolve_patterns
+from seqlora_core.method.trainer import discard_checkpoint
 
 __all__ = [
     "METHODS",
@@ -55,6 +56,7 @@ __all__ = [
     "capacity",
     "check_bank_fits",
     "diffusers_to_ldm_map",
+    "discard_checkpoint",
     "export_concept",
     "export_lora",
     "format_concepts",

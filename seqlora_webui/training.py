@@ -37,6 +37,7 @@ from ._core import (
     TrainingCancelled,
     check_bank_fits,
     diffusers_to_ldm_map,
+    discard_checkpoint,
     guess_structure,
     train_concept,
 )
@@ -381,6 +382,7 @@ def run(req: TrainRequest, banks: BankFolder, lora_dir: Path | None = None) -> s
         _update(state="error", message=f"{type(e).__name__}: {e}", finished=time.time())
         raise
     banks.save(bank_path.relative_to(banks.root).as_posix(), new_bank)
+    discard_checkpoint(cfg)  # only now: the bank holding the result is written
     job_file.unlink(missing_ok=True)
     if lora_dir is not None:
         sync_exports(banks, bank_path.relative_to(banks.root).as_posix(), lora_dir)
