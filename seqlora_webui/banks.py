@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import threading
 from pathlib import Path
 from typing import Any
 
-from ._core import BankFormatError, ConceptBank, capacity
+from ._core import BankFormatError, ConceptBank, capacity, read_bank_header
 
 SUFFIX = ".safetensors"
 AUTOSAVE = ".autosave"  # training progress and job settings; hidden from the listing
@@ -27,20 +26,12 @@ def safe_stem(name: str, what: str) -> str:
 
 
 def read_header(path: Path) -> dict[str, Any]:
-    """A bank's JSON header without its tensors; BankFormatError for a file that is not a bank."""
+    """A bank's JSON header without its tensors, read and checked by the core's bank reader (one home for
+    the format); BankFormatError for a file that is not a bank, naming the file but never its folder."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            n = int.from_bytes(head, "little") if len(head) == 8 else -1
-            if n <= 0 or n > 100_000_000:
-                raise BankFormatError(f"{path.name} is not a safetensors file (bad header length)")
-            raw = f.read(n)
-        meta = json.loads(raw).get("__metadata__") or {}
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BankFormatError(f"{path.name} is not a safetensors file ({e})") from e
-    if meta.get("format") != "seqlora-bank" or "seqlora" not in meta:
-        raise BankFormatError(f"{path.name} is a safetensors file but not a SeqLoRA bank (a LoRA? use Import LoRA)")
-    return json.loads(meta["seqlora"])
+        return read_bank_header(path)
+    except BankFormatError as e:
+        raise BankFormatError(str(e).replace(repr(str(path)), repr(path.name)).replace(str(path), path.name)) from None
 
 
 def summary_from_header(header: dict[str, Any]) -> dict[str, Any]:

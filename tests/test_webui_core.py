@@ -57,12 +57,12 @@ def test_listing_summary_and_cached_load(tmp_path):
 
 def test_files_that_are_not_banks_are_named_in_the_error(tmp_path):
     (tmp_path / "garbage.safetensors").write_bytes(b"\x07" * 100)
-    with pytest.raises(BankFormatError, match="garbage.safetensors is not a safetensors file"):
+    with pytest.raises(BankFormatError, match="'garbage.safetensors' is corrupt or truncated"):
         read_header(tmp_path / "garbage.safetensors")
     from safetensors.torch import save_file
 
     save_file({"lora_unet_x.alpha": torch.tensor(1.0)}, str(tmp_path / "a_lora.safetensors"))
-    with pytest.raises(BankFormatError, match="a_lora.safetensors is a safetensors file but not a SeqLoRA bank"):
+    with pytest.raises(BankFormatError, match="'a_lora.safetensors' is a safetensors file but not a SeqLoRA bank"):
         read_header(tmp_path / "a_lora.safetensors")
 
 
