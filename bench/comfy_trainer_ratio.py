@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import shutil
 import signal
 import statistics
 import sys
@@ -90,7 +92,24 @@ def run(
     """Both trainers side by side; their files live in a temp folder that is always removed. ``after(context)``
     (model, clip, vae, images, bank, pack, tmp) runs before that, for checks of what was trained."""
     with tempfile.TemporaryDirectory(prefix="seqlora-bench-") as tmp:
-        return _run_in(Path(tmp), checkpoint, steps, rank, px, threads, family, device, after)
+        _TEMP_DIRS.append(Path(tmp))
+        try:
+            return _run_in(Path(tmp), checkpoint, steps, rank, px, threads, family, device, after)
+        finally:
+            _TEMP_DIRS.remove(Path(tmp))
+
+
+_TEMP_DIRS: list[Path] = []  # the run's temp folders, for the signal handler
+
+
+def _remove_temp_and_exit(signum: int, frame) -> None:
+    """Ctrl-C or SIGTERM: remove the temp folders and exit at once. An exception would not do: code
+    between here and the trainers (ComfyUI's, a checkpoint being written) may swallow it, and the run
+    then went on training."""
+    for tmp in list(_TEMP_DIRS):
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"interrupted (signal {signum}); removed the temp folder", flush=True)
+    os._exit(128 + signum)
 
 
 def _comfy_trainer(nt, model, vae, clip, images, steps: int, rank: int, dtype: str) -> dict:
@@ -297,8 +316,8 @@ def main() -> int:
 
         update_tables("comfy_trainer_ratio", table(args.table))
         return 0
-    # SIGTERM unwinds like Ctrl-C, so the temp folder is removed then too
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    for sig in (signal.SIGINT, signal.SIGTERM):  # the temp folder goes on an interrupt too
+        signal.signal(sig, _remove_temp_and_exit)
     if h.missing_requirements():
         print(h.missing_requirements())
         return 2
