@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 import folder_paths
 
@@ -50,30 +49,6 @@ def autosave_dir() -> Path:
     d = bank_dir() / AUTOSAVE_DIR
     d.mkdir(parents=True, exist_ok=True)
     return d
-
-
-def bank_summary(header: dict[str, Any]) -> dict[str, Any]:
-    """What the loader's UI shows: concepts with triggers, rank, method and steps."""
-    concepts = []
-    for c in header.get("concepts", []):
-        cfg = (c.get("info") or {}).get("config") or {}
-        concepts.append(
-            {
-                "name": c["name"],
-                "triggers": list(c.get("triggers", [])),
-                "rank": c.get("rank"),
-                "method": c.get("method"),
-                "source": c.get("source", "trained"),
-                "steps": cfg.get("steps"),
-            }
-        )
-    return {
-        "architecture": header.get("architecture"),
-        "layer_naming": header.get("layer_naming"),
-        "layers": len(header.get("layers", [])),
-        "fingerprint": header.get("fingerprint"),
-        "concepts": concepts,
-    }
 
 
 def safe_name(name: str, what: str) -> str:

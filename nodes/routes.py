@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from ..seqlora_core.method.bank import read_bank_header
+from ..seqlora_core.method.bank import header_summary, read_bank_header
 from . import bankfiles
 
 MAX_NAME = 1024  # characters of a ?file= value
@@ -29,7 +29,7 @@ async def bank_info(request: web.Request) -> web.Response:
     except FileNotFoundError as e:
         return web.json_response({"error": str(e)}, status=404)
     try:
-        info = bankfiles.bank_summary(read_bank_header(path))
+        info = header_summary(read_bank_header(path))
     except FileNotFoundError:
         return web.json_response({"error": f"bank file {name!r} not found in models/seqlora"}, status=404)
     except (OSError, ValueError) as e:

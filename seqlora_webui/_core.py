@@ -32,7 +32,7 @@ from seqlora_core.files import atomic_write_bytes
 from seqlora_core.interop.bank_lora import export_concept, import_lora
 from seqlora_core.interop.families import check_bank_fits
 from seqlora_core.interop.naming import diffusers_to_ldm_map, guess_structure
-from seqlora_core.method.bank import read_bank_header
+from seqlora_core.method.bank import header_summary, read_bank_header
 from seqlora_core.method.report import capacity
 from seqlora_core.method.selection import format_selection as format_concepts
 from seqlora_core.method.selection import parse_selection as parse_concepts
@@ -62,6 +62,7 @@ __all__ = [
     "export_lora",
     "format_concepts",
     "guess_structure",
+    "header_summary",
     "heatmap_image",
     "import_lora",
     "layer_spec",

@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from ._core import BankFormatError, ConceptBank, capacity, read_bank_header
+from ._core import BankFormatError, ConceptBank, capacity, header_summary, read_bank_header
 
 SUFFIX = ".safetensors"
 AUTOSAVE = ".autosave"  # training progress and job settings; hidden from the listing
@@ -32,29 +32,6 @@ def read_header(path: Path) -> dict[str, Any]:
         return read_bank_header(path)
     except BankFormatError as e:
         raise BankFormatError(str(e).replace(repr(str(path)), repr(path.name)).replace(str(path), path.name)) from None
-
-
-def summary_from_header(header: dict[str, Any]) -> dict[str, Any]:
-    concepts = []
-    for c in header.get("concepts", []):
-        cfg = (c.get("info") or {}).get("config") or {}
-        concepts.append(
-            {
-                "name": c["name"],
-                "triggers": list(c.get("triggers", [])),
-                "rank": c.get("rank"),
-                "method": c.get("method"),
-                "source": c.get("source", "trained"),
-                "steps": cfg.get("steps"),
-            }
-        )
-    return {
-        "architecture": header.get("architecture"),
-        "layer_naming": header.get("layer_naming"),
-        "layers": len(header.get("layers", [])),
-        "fingerprint": header.get("fingerprint"),
-        "concepts": concepts,
-    }
 
 
 def capacity_summary(bank: ConceptBank) -> dict[str, Any]:
@@ -129,7 +106,7 @@ class BankFolder:
             "bank": self._name_of(path),
             "size": st.st_size,
             "mtime": st.st_mtime,
-            **summary_from_header(read_header(path)),
+            **header_summary(read_header(path)),
         }
 
     def load(self, name: str) -> ConceptBank:

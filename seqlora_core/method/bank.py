@@ -253,6 +253,31 @@ def read_bank_header(path: str | os.PathLike, check_version: bool = False) -> di
     return _parse_header(path, head, path.stat().st_size, check_version)[0]
 
 
+def header_summary(header: dict) -> dict:
+    """What a UI lists of a bank from its header alone: family, naming, layer count, fingerprint, and each
+    concept's name, triggers, rank, method, source and steps."""
+    concepts = []
+    for c in header.get("concepts", []):
+        cfg = (c.get("info") or {}).get("config") or {}
+        concepts.append(
+            {
+                "name": c["name"],
+                "triggers": list(c.get("triggers", [])),
+                "rank": c.get("rank"),
+                "method": c.get("method"),
+                "source": c.get("source", "trained"),
+                "steps": cfg.get("steps"),
+            }
+        )
+    return {
+        "architecture": header.get("architecture"),
+        "layer_naming": header.get("layer_naming"),
+        "layers": len(header.get("layers", [])),
+        "fingerprint": header.get("fingerprint"),
+        "concepts": concepts,
+    }
+
+
 def header_digest(path: str | os.PathLike) -> str | None:
     """A digest of a file's safetensors header (its tensor table and metadata), or None when there is no
     file: two versions of a bank never share it."""
