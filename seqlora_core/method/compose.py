@@ -56,9 +56,13 @@ class Composition:
             raise ValueError("set_active toggles merged compositions only")
         if not hasattr(self, "_composed"):
             self._composed = {n: _target(self.model, n).weight.detach().clone() for n in self._backups}
+            self._active = True
+        if on == self._active:  # already in place: the training loop asks every step
+            return
         with torch.no_grad():
             for name, w in (self._composed if on else self._backups).items():
                 _target(self.model, name).weight.copy_(w)
+        self._active = on
 
     def remove(self) -> None:
         with torch.no_grad():
@@ -66,6 +70,7 @@ class Composition:
                 _target(self.model, name).weight.copy_(w)
         self._backups.clear()
         self.__dict__.pop("_composed", None)
+        self.__dict__.pop("_active", None)
         remove(self.model, self._wrappers)
         self._wrappers.clear()
 
