@@ -71,28 +71,102 @@ class FreeSpace:
     protection: dict | None  # {"protected", "energy", "free"} when protection was asked for
 
 
+@dataclass
+class LowRankMoment:
+    """A moment in the form U diag(d) U^T + c I (U: n x m, float64): the earlier concepts' sketches, each
+    with its isotropic tail, are exactly this with m = the sum of their ranks, usually much less than n."""
+
+    u: torch.Tensor
+    d: torch.Tensor
+    c: float = 0.0
+
+    @property
+    def n(self) -> int:
+        return self.u.shape[0]
+
+    def dense(self) -> torch.Tensor:
+        """The n x n matrix."""
+        eye = torch.eye(self.n, dtype=self.u.dtype, device=self.u.device)
+        return (self.u * self.d) @ self.u.T + self.c * eye
+
+    def trace(self) -> float:
+        return float((self.d * self.u.pow(2).sum(0)).sum()) + self.n * self.c
+
+    def plus(self, u: torch.Tensor, scale: float) -> LowRankMoment:
+        """This moment plus ``scale * u u^T``."""
+        u = u.to(self.u)
+        d = torch.full((u.shape[1],), float(scale), dtype=self.d.dtype, device=self.d.device)
+        return LowRankMoment(torch.cat([self.u, u], 1), torch.cat([self.d, d]), self.c)
+
+
 def free_space(
-    s_old: torch.Tensor,
+    s_old: torch.Tensor | LowRankMoment,
     q_prev: torch.Tensor | None,
     r: int,
     protect_energy: float | None = None,
     margin: float = 2.0,
     reserve: int = 0,
 ) -> FreeSpace:
-    """The complement Z of the earlier bases Q, with S_<t diagonalised in it (one complete QR, one eigh).
+    """The complement Z of the earlier bases Q, with S_<t diagonalised in it.
 
     With ``protect_energy`` (theta) the fewest top eigenvectors of P S_<t P (P = I - Q Q^T) holding theta
     of its trace are protected (left out of the free space), but never so many that fewer than
     ceil(margin * r) directions stay free: the achieved energy fraction is then lower, and reported.
+
+    A dense ``s_old`` costs one complete QR and one n x n eigh (O(n^3)). A :class:`LowRankMoment` whose
+    rank plus Q's columns is small against n costs O(n^2 (K + m)): outside the span of P U, P S_<t P is
+    c times the identity, so only an m x m eigh is needed (the same space, to rounding; directions of
+    equal eigenvalue may come in another order).
     """
+    k = 0 if q_prev is None else q_prev.shape[1]
+    if isinstance(s_old, LowRankMoment):
+        if 4 * (k + s_old.u.shape[1]) > s_old.n:
+            s_old = s_old.dense()
+        else:
+            basis, evals = _complement_eigen_lowrank(s_old, q_prev)
+            return _split_protected(basis, evals, r, protect_energy, margin, reserve)
     n = s_old.shape[0]
     z = complement_basis(q_prev, n, s_old.device)
     s_z = z.T @ s_old.double() @ z
     evals, evecs = torch.linalg.eigh((s_z + s_z.T) / 2)
-    evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
+    evals, evecs = evals.flip(0), evecs.flip(1)
+    return _split_protected(z @ evecs, evals, r, protect_energy, margin, reserve)
+
+
+def _complement_eigen_lowrank(s: LowRankMoment, q_prev: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(basis n x (n - K), eigenvalues descending) of P (U diag(d) U^T + c I) P on the complement of Q."""
+    u = s.u.double()
+    q = None if q_prev is None or q_prev.shape[1] == 0 else q_prev.to(u.device, torch.float64)
+    y = project_out(u.T, q).T  # P U
+    inside = torch.zeros(s.n, 0, dtype=u.dtype, device=u.device)
+    mu = torch.zeros(0, dtype=u.dtype, device=u.device)
+    if y.shape[1]:
+        w, sv, _ = torch.linalg.svd(y, full_matrices=False)
+        w = w[:, sv > 1e-9 * max(float(sv.max()), 1e-300)]  # an orthonormal basis of span(P U)
+        if w.shape[1]:
+            b = w.T @ y  # W^T U = W^T P U, as W is orthogonal to Q
+            core = (b * s.d.to(b)) @ b.T
+            mu, v = torch.linalg.eigh((core + core.T) / 2)
+            inside = w @ v
+    known = inside if q is None else torch.cat([q, inside], 1)
+    rest = torch.linalg.qr(known, mode="complete")[0][:, known.shape[1] :] if known.shape[1] else None
+    if rest is None:
+        rest = torch.eye(s.n, dtype=u.dtype, device=u.device)
+    basis = torch.cat([inside, rest], 1)
+    evals = torch.cat([mu, torch.zeros(rest.shape[1], dtype=u.dtype, device=u.device)]) + s.c
+    order = torch.argsort(evals, descending=True, stable=True)
+    return basis[:, order], evals[order]
+
+
+def _split_protected(
+    basis: torch.Tensor, evals: torch.Tensor, r: int, protect_energy: float | None, margin: float, reserve: int
+) -> FreeSpace:
+    """The free space from an eigenbasis of the complement (eigenvalues descending), less the protected
+    top directions (see :func:`free_space`)."""
+    evals = evals.clamp_min(0)
     p, info = 0, None
     if protect_energy is not None:
-        room = z.shape[1] - reserve
+        room = basis.shape[1] - reserve
         cap = max(0, room - math.ceil(margin * r))
         total = float(evals.sum())
         if total > 0 and cap > 0 and protect_energy > 0:
@@ -102,7 +176,6 @@ def free_space(
             info = {"protected": p, "energy": float(cover[p - 1]), "free": room - p}
         else:
             info = {"protected": 0, "energy": 0.0, "free": room}
-    basis = z @ evecs
     return FreeSpace(basis[:, p:].contiguous(), evals[p:].contiguous(), basis[:, :p].contiguous(), info)
 
 

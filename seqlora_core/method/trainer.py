@@ -386,22 +386,19 @@ def _top_with_tail(moment: torch.Tensor, k: int, tail: str) -> tuple[torch.Tenso
     return sk.U, sk.s, sk.tail(tail)
 
 
-def _earlier_moment(bank: ConceptBank, layer: str, n: int, tail: str, device: torch.device) -> tuple[torch.Tensor, int]:
+def _earlier_moment(
+    bank: ConceptBank, layer: str, n: int, tail: str, device: torch.device
+) -> tuple[bs.LowRankMoment, int]:
     """(S_<t, count): the prior's moment plus every earlier concept's (sketches with their tails), float64 on
-    ``device``, built from the stacked factors in two products."""
+    ``device``, as U diag(s - tau) U^T + sum(tau) I from the stacked sketches."""
     sketches = [sk for sk in [bank.prior.get(layer)] + [c.layers[layer].sketch for c in bank.concepts] if sk]
+    empty = torch.zeros(n, 0, dtype=torch.float64, device=device)
     if not sketches:
-        return torch.zeros(n, n, dtype=torch.float64, device=device), 0
-    top = torch.cat([sk.factor for sk in sketches], 1).to(device, torch.float64)
-    total = top @ top.T
+        return bs.LowRankMoment(empty, empty[0]), 0
     taus = [sk.tail(tail) for sk in sketches]
-    if any(taus):
-        tails = torch.cat([sk.U * math.sqrt(t) for sk, t in zip(sketches, taus, strict=True)], 1).to(
-            device, torch.float64
-        )
-        total -= tails @ tails.T
-        total += sum(taus) * torch.eye(n, dtype=torch.float64, device=device)
-    return total, len(sketches)
+    u = torch.cat([sk.U for sk in sketches], 1).to(device, torch.float64)
+    d = torch.cat([sk.s.double().clamp_min(0) - t for sk, t in zip(sketches, taus, strict=True)]).to(device)
+    return bs.LowRankMoment(u, d, float(sum(taus))), len(sketches)
 
 
 def _old_moment(space: bs.FreeSpace, count: int, k: int, tail: str) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -516,10 +513,10 @@ class _Run:
         if soft:
             # a full layer: no hard projection; steer the basis away from every earlier basis instead
             every = bs.span_basis(earlier, n).to(dev).double()
-            s_old = s_old + (float(torch.trace(s_old)) / n or 1.0) * (every @ every.T)
+            s_old = s_old.plus(every, s_old.trace() / n or 1.0)
             q = None
         space = bs.free_space(s_old, q, r, cfg.protect_energy if protect else None, cfg.protect_margin, cfg.reserve)
-        trace = float(torch.trace(s_old))
+        trace = s_old.trace()
         f_own = own[0].to(dev) * own[1].to(dev).clamp_min(0).sqrt()
         delta = 1e-2 * (trace / n if trace > 0 else max(float(f_own.pow(2).sum()) / n, 1e-12))
         a = bs.generalized_eigen_basis(f_own, space, r, delta)
