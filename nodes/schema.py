@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..seqlora_core.data.captions import DEFAULT_TEMPLATE
+from ..seqlora_core.data.dataset import MAX_RESOLUTION
 
 CATEGORY = "SeqLoRA"
 BANK = "SEQLORA_BANK"
@@ -270,7 +271,7 @@ IMAGE_FOLDER = NodeSpec(
             "Side of the square training images (center crop); 512 for SD1.5.",
             default=512,
             min=64,
-            max=2048,
+            max=MAX_RESOLUTION,
             step=64,
         ),
     ),

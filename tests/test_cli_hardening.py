@@ -87,6 +87,7 @@ BAD_INPUTS = [
     (_train("--rank", "1000"), "--rank: 1000 is out of range"),
     (_train("--batch-size", "0"), "--batch-size: 0"),
     (_train("--resolution", "100"), "--resolution: 100; use a positive multiple of 8"),
+    (_train("--resolution", "65536"), "--resolution: 65536; use at most 2048"),
     (_train("--prior-images", "0"), "--prior-images: 0"),
     (_train("--min-snr-gamma", "nan"), "--min-snr-gamma: nan; give a positive number"),
     (_train("--min-snr-gamma", "-1"), "--min-snr-gamma: -1.0; give a positive number"),

@@ -141,6 +141,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..data.captions import check_template
+    from ..data.dataset import MAX_RESOLUTION
     from ..files import remove_stale_temps, stem_for
     from ..method.bank import BankError, DuplicateConceptError
     from ..method.bank_update import updating_bank
@@ -161,6 +162,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     _positive(args.batch_size, "--batch-size")
     _positive(args.stats_batches, "--stats-batches")
     _positive(args.resolution, "--resolution", 8)
+    if args.resolution is not None and args.resolution > MAX_RESOLUTION:
+        raise ValueError(f"--resolution: {args.resolution}; use at most {MAX_RESOLUTION} (SDXL trains at 1024)")
     _positive(args.prior_images, "--prior-images")
     if args.class_prompt is not None:
         selection.check_trigger(args.class_prompt, "--class-prompt")

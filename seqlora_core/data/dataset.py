@@ -39,6 +39,7 @@ from .captions import DEFAULT_TEMPLATE, check_template, make_caption, make_prior
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MAX_IMAGES = 10_000  # image files in one concept folder
 MAX_ENTRIES = 50_000  # directory entries looked at in one concept folder (and each of its kohya folders)
+MAX_RESOLUTION = 2048  # training side in pixels: SDXL trains at 1024; beyond 2048 memory, not quality, grows
 RESIZE_MODES = ("center_crop", "bucket")
 _KOHYA = re.compile(r"^(\d+)_(.+)$")
 
@@ -128,8 +129,8 @@ class ConceptDataset:
             raise ValueError("trigger must be a non-empty string")
         if resize not in RESIZE_MODES:
             raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
-        if resolution <= 0 or resolution % 8:
-            raise ValueError(f"resolution must be a positive multiple of 8, got {resolution}")
+        if resolution <= 0 or resolution % 8 or resolution > MAX_RESOLUTION:
+            raise ValueError(f"resolution must be a positive multiple of 8 up to {MAX_RESOLUTION}, got {resolution}")
         check_template(caption_template)
         ds = cls(trigger=trigger.strip(), resolution=resolution, resize=resize)
         reasons: dict[Path, str] = {}
