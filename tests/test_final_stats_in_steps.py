@@ -92,3 +92,44 @@ def test_a_run_resumed_inside_the_window_measures_in_a_separate_pass(tmp_path) -
     bank = train_concept(unet, loss, c.batches(), cfg, None, c.batches(prior=True))
     assert "final_stats_in_steps" not in bank.concepts[0].timings
     assert calls["n"] == K + K + 1 + K  # prior, concept, the one step left, the final pass
+
+
+def test_mixed_runs_record_the_steps_that_ran_with_the_earlier_concepts_on() -> None:
+    cfg = _config(K * trainer.FINAL_STATS_IN_STEPS_MIN, seed=3)
+    window = trainer._final_stats_window(cfg, 0, mixed=True)
+    assert window is not None and len(window) == K
+    assert all(trainer._coin(cfg.seed, s) for s in window)
+    later = [s for s in range(min(window), cfg.steps) if trainer._coin(cfg.seed, s)]
+    assert sorted(window) == later, "the last K such steps, none skipped"
+    assert trainer._final_stats_window(cfg, min(window) + 1, mixed=True) is None
+
+
+def test_a_mixed_second_concept_needs_no_final_pass_and_agrees_with_one() -> None:
+    k, steps = 4, 4 * trainer.FINAL_STATS_IN_STEPS_MIN
+    first, second = ToyConcept(0), ToyConcept(1)
+
+    def cfg(name: str, trigger: str) -> TrainConfig:
+        return TrainConfig(
+            name=name, triggers=[trigger], rank=4, steps=steps, lr=1e-3, stats_batches=k, context="mixed"
+        )
+
+    bank = train_concept(tiny_unet(), denoise_loss, first.batches(), cfg("c0", "tok0"), None, first.batches(prior=True))
+
+    def second_bank(force_pass: bool):
+        loss, calls = _counting(denoise_loss)
+        old = trainer.FINAL_STATS_IN_STEPS_MIN
+        if force_pass:
+            trainer.FINAL_STATS_IN_STEPS_MIN = 10**6
+        try:
+            return train_concept(tiny_unet(), loss, second.batches(), cfg("c1", "tok1"), bank), calls["n"]
+        finally:
+            trainer.FINAL_STATS_IN_STEPS_MIN = old
+
+    got, n_got = second_bank(False)
+    want, n_want = second_bank(True)
+    assert "final_stats_in_steps" in got.concepts[1].timings
+    assert n_got == k + steps and n_want == k + steps + k  # concept pass + steps (+ the final pass)
+    for spec in got.layers:
+        a, b = got.concepts[1].layers[spec.name], want.concepts[1].layers[spec.name]
+        assert torch.equal(a.A, b.A) and torch.equal(a.B, b.B), "training itself is unchanged"
+        assert abs(a.sketch.trace - b.sketch.trace) <= 0.15 * b.sketch.trace, spec.name

@@ -892,9 +892,9 @@ def train_concept(
             run.try_resume(key, settings)
             _phase(cb, "train")
             t = time.perf_counter()
-            # in the "mixed" context the last steps ran with and without the earlier concepts; the final
-            # statistics are taken with them on, in a pass of their own
-            window = _final_stats_window(config, run.step) if run.earlier is None else None
+            # in the "mixed" context the final statistics come from the last steps that ran with the earlier
+            # concepts on
+            window = _final_stats_window(config, run.step, run.earlier is not None)
             recorder = MomentRecorder(model, specs) if window is not None else None
             _train_loop(run, cb, key, settings, recorder, window)
             timings["train_s"] = time.perf_counter() - t
@@ -942,15 +942,20 @@ def prepared_for_training(model: nn.Module, gradient_checkpointing: bool = False
             p.requires_grad_(grad_flags.get(n, p.requires_grad))
 
 
-def _final_stats_window(config: TrainConfig, start: int) -> int | None:
-    """The first step whose forward pass feeds the final statistics, or None for a separate pass after
-    training: short trainings (the adapter still moves a lot in its last steps) and runs resumed inside the
-    window (the steps before the cut were not recorded) measure them in a pass of their own."""
+def _final_stats_window(config: TrainConfig, start: int, mixed: bool = False) -> frozenset[int] | None:
+    """The steps whose forward passes feed the final statistics (the last ``stats_batches`` ones; in the
+    "mixed" context the last ones that run with the earlier concepts on), or None for a separate pass after
+    training: short trainings (the adapter still moves a lot in its last steps), runs resumed inside the
+    window (the steps before the cut were not recorded) and mixed runs whose last ``FINAL_STATS_IN_STEPS_MIN
+    * stats_batches`` steps hold too few such steps measure them in a pass of their own."""
     k = config.stats_batches
-    first = config.steps - k
-    if k < 1 or config.steps < FINAL_STATS_IN_STEPS_MIN * k or start > first:
+    if k < 1 or config.steps < FINAL_STATS_IN_STEPS_MIN * k:
         return None
-    return first
+    candidates = range(config.steps - 1, config.steps - 1 - FINAL_STATS_IN_STEPS_MIN * k, -1)
+    steps = [s for s in candidates if not mixed or _coin(config.seed, s)][:k]
+    if len(steps) < k or start > min(steps):
+        return None
+    return frozenset(steps)
 
 
 def _train_loop(
@@ -959,19 +964,19 @@ def _train_loop(
     key: str,
     settings: dict | None = None,
     recorder: MomentRecorder | None = None,
-    window: int | None = None,
+    window: frozenset[int] | None = None,
 ) -> None:
     """Step until done, reporting every step, checkpointing every ``checkpoint_every`` steps; a stop
     request saves the checkpoint and raises :class:`TrainingCancelled`, a non-finite loss or factor raises
-    :class:`TrainingDiverged` (the checkpoint keeps the last good state). From step ``window`` on, the
-    concept loss's forward passes also feed ``recorder`` (the final statistics)."""
+    :class:`TrainingDiverged` (the checkpoint keeps the last good state). The concept loss's forward passes
+    of the steps in ``window`` also feed ``recorder`` (the final statistics)."""
     config = run.cfg
     while run.step < config.steps:
         if cb.should_stop is not None and cb.should_stop():
             run.save_checkpoint(key, settings)
             raise TrainingCancelled(run.step, config.checkpoint_path)
-        if recorder is not None and window is not None and run.step >= window:
-            run.recorder = recorder
+        run.recorder = recorder if window is not None and run.step in window else None
+        if run.recorder is not None:
             run.recorded_steps += 1
         loss = run.do_step()
         bad_layer = run.finite()
