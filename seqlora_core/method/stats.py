@@ -115,7 +115,12 @@ def sketch_moment(moment: torch.Tensor, k_max: int = 32, energy: float = 0.99) -
 
 
 class MomentRecorder:
-    """Accumulates sum(x x^T) and the row count of chosen layers' inputs through forward pre-hooks."""
+    """Accumulates sum(x x^T) and the row count of chosen layers' inputs through forward pre-hooks.
+
+    Linear layers that read the same tensor (an attention's q, k and v; every cross-attention's k and v
+    read the one text context) share one product per forward pass."""
+
+    SHARED = 4  # recent linear inputs whose products are kept for the next layers that read them
 
     def __init__(self, model: nn.Module, specs: Iterable[LayerSpec]):
         self.model = model
@@ -123,16 +128,37 @@ class MomentRecorder:
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
         self._handles: list = []
+        self._recent: list[tuple[torch.Tensor, object, torch.Tensor, int]] = []
+
+    @staticmethod
+    def _stamp(x: torch.Tensor) -> object:
+        """What tells a tensor's contents apart over time. Inference tensors keep no version counter: for them
+        identity decides, which holds for attention blocks (none changes a layer's input in place)."""
+        try:
+            return x._version
+        except RuntimeError:
+            return (x.data_ptr(), tuple(x.shape))
+
+    def _product(self, x: torch.Tensor, spec: LayerSpec, module: nn.Module) -> tuple[torch.Tensor, int]:
+        if spec.kind == "linear":
+            stamp = self._stamp(x)
+            for seen, seen_stamp, acc, count in self._recent:
+                if seen is x and seen_stamp == stamp:
+                    return acc, count
+        rows = layer_rows(x.detach(), spec, module).float()
+        acc = rows.T @ rows
+        if spec.kind == "linear":
+            self._recent = [(x, stamp, acc, rows.shape[0]), *self._recent[: self.SHARED - 1]]
+        return acc, rows.shape[0]
 
     def _hook(self, name: str, spec: LayerSpec, module: nn.Module) -> Callable:
         def hook(_mod: nn.Module, args: tuple) -> None:
-            rows = layer_rows(args[0].detach(), spec, module).float()
-            acc = rows.T @ rows
+            acc, count = self._product(args[0], spec, module)
             if name in self.sums:
                 self.sums[name] += acc
             else:
-                self.sums[name] = acc
-            self.counts[name] = self.counts.get(name, 0) + rows.shape[0]
+                self.sums[name] = acc.clone()  # the product may be shared with other layers
+            self.counts[name] = self.counts.get(name, 0) + count
 
         return hook
 
@@ -146,6 +172,7 @@ class MomentRecorder:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._recent.clear()  # holds activations
 
     def moments(self) -> dict[str, torch.Tensor]:
         """E[x x^T] per layer (float32, on the layer's device)."""
