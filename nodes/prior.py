@@ -20,7 +20,7 @@ import comfy.utils
 import torch
 
 from ..seqlora_core.method.bank import ConceptBank
-from ..seqlora_core.method.stats import MomentRecorder, Sketch, sketch_moment
+from ..seqlora_core.method.stats import MomentRecorder, Sketch, sketches_from_moments
 from ..seqlora_core.method.targets import LayerSpec
 
 GENERIC_PROMPTS = ("a photo",)
@@ -99,7 +99,9 @@ def generate_prior(
         moments = recorder.moments()
     mm.throw_exception_if_processing_interrupted()
     with torch.inference_mode(False):
-        return {n: sketch_moment(m.detach().clone().cpu(), sketch_rank, sketch_energy) for n, m in moments.items()}
+        return sketches_from_moments(
+            {n: m.detach().clone().cpu() for n, m in moments.items()}, sketch_rank, sketch_energy
+        )
 
 
 def with_prior(bank: ConceptBank, sketches: dict[str, Sketch]) -> ConceptBank:

@@ -67,3 +67,15 @@ def test_an_input_changed_in_place_between_readers_is_measured_again(monkeypatch
     assert products == 3
     assert torch.allclose(got["q"], _expected([x for x, _ in inputs]), atol=1e-6)
     assert torch.allclose(got["k"], _expected([3 * x for x, _ in inputs]), atol=1e-5)
+
+
+def test_layers_with_equal_moments_share_one_sketch() -> None:
+    gen = torch.Generator().manual_seed(2)
+    rows = torch.randn(40, 12, generator=gen)
+    context = rows.T @ rows / 40
+    other = context + 0.01 * torch.eye(12)
+    sketches = stats.sketches_from_moments({"k": context, "v": context.clone(), "q": other}, k_max=4, energy=1.0)
+    assert sketches["k"] is sketches["v"] and sketches["q"] is not sketches["k"]
+    for name, moment in (("k", context), ("q", other)):
+        alone = stats.sketch_moment(moment, 4, 1.0)
+        assert torch.allclose(sketches[name].s, alone.s) and sketches[name].trace == alone.trace

@@ -199,8 +199,16 @@ def record_moments(
 
 
 def sketches_from_moments(moments: dict[str, torch.Tensor], k_max: int = 32, energy: float = 0.99) -> dict[str, Sketch]:
-    """Per-layer sketches of per-layer moments."""
-    return {name: sketch_moment(m, k_max, energy) for name, m in moments.items()}
+    """Per-layer sketches of per-layer moments. Layers with equal moments (every cross-attention's k and v
+    read the one text context) share one sketch, computed once."""
+    out: dict[str, Sketch] = {}
+    done: list[tuple[torch.Tensor, Sketch]] = []
+    for name, m in moments.items():
+        same = next((sk for seen, sk in done if seen.shape == m.shape and torch.equal(seen, m)), None)
+        out[name] = same if same is not None else sketch_moment(m, k_max, energy)
+        if same is None:
+            done.append((m, out[name]))
+    return out
 
 
 def collect_rows(

@@ -31,7 +31,7 @@ from .compose import Composition, compose
 from .interference import dense_gram, energy_of_gram
 from .methods import Method, get_method, method_of
 from .selection import check_concept_name, check_trigger
-from .stats import MomentRecorder, record_moments, sketch_moment
+from .stats import MomentRecorder, Sketch, record_moments, sketches_from_moments
 from .targets import LayerSpec, find_targets
 
 log = logging.getLogger("seqlora")
@@ -380,12 +380,6 @@ def _pad_cols(mats: list[torch.Tensor | None], n: int) -> torch.Tensor | None:
     return out
 
 
-def _top_with_tail(moment: torch.Tensor, k: int, tail: str) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(U, s, tau): the top-k eigenpairs of a dense moment and the mean of the rest ("none": tau = 0)."""
-    sk = sketch_moment(moment, k_max=k, energy=1.0)
-    return sk.U, sk.s, sk.tail(tail)
-
-
 def _earlier_moment(
     bank: ConceptBank, layer: str, n: int, tail: str, device: torch.device
 ) -> tuple[bs.LowRankMoment, int]:
@@ -491,8 +485,9 @@ class _Run:
         self.recorded_steps = 0
 
     # ---- setup -------------------------------------------------------------------------------
-    def init_layer(self, spec: LayerSpec, moment: torch.Tensor, slot: int, gen: torch.Generator) -> LayerInit:
-        """One layer's basis, constraint and penalty moments at the start of training, by the method's rules.
+    def init_layer(self, spec: LayerSpec, own_sketch: Sketch | None, slot: int, gen: torch.Generator) -> LayerInit:
+        """One layer's basis, constraint and penalty moments at the start of training, by the method's rules
+        (``own_sketch``: the top eigenpairs of the concept's moment at this layer, for constrained methods).
 
         The linear algebra (one complement of the earlier bases, one eigendecomposition of the earlier
         concepts' moment in it) runs in float64 on the model's device."""
@@ -502,8 +497,8 @@ class _Run:
             return LayerInit(a, soft=soft)
         if not method.constrained:
             return LayerInit(bs.kaiming_rows(n, r, gen))
-        dev = moment.device
-        own = _top_with_tail(moment, max(cfg.sketch_rank, r), method.tail)
+        dev = self.device
+        own = own_sketch.U, own_sketch.s, own_sketch.tail(method.tail)
         earlier = [c.layers[spec.name].A.to(dev, torch.float32) for c in bank.concepts]
         hard = [a for a, c in zip(earlier, bank.concepts, strict=True) if not c.layers[spec.name].soft]
         q = bs.span_basis(hard, n).to(dev)
@@ -532,6 +527,8 @@ class _Run:
         gen = torch.Generator().manual_seed(self.cfg.seed)
         slot = sum(1 for c in self.bank.concepts if _basis_rule(c.method) == "frozen_slot")
         dev, r = self.device, self.cfg.rank
+        sketched = self.method.constrained and self.method.basis != "frozen_slot"
+        owns = sketches_from_moments(pre, max(self.cfg.sketch_rank, r), 1.0) if sketched else {}
 
         def stacked(mats: list, n: int) -> torch.Tensor | None:
             t = _pad_cols(mats, n)
@@ -551,7 +548,7 @@ class _Run:
             return Moment(u, root.to(dev), tau.to(dev))
 
         for (m, n), specs in by_shape.items():
-            inits = [self.init_layer(s, pre[s.name], slot, gen) for s in specs]
+            inits = [self.init_layer(s, owns.get(s.name), slot, gen) for s in specs]
             g = Group(
                 list(specs),
                 torch.stack([i.A for i in inits]).to(dev),
@@ -868,9 +865,7 @@ def train_concept(
                 moments = _run_stats(
                     model, specs, loss_fn, prior_batches or batches, config.stats_batches, config.precision
                 )
-                bank = bank.with_prior(
-                    {k: sketch_moment(v, config.sketch_rank, config.sketch_energy) for k, v in moments.items()}
-                )
+                bank = bank.with_prior(sketches_from_moments(moments, config.sketch_rank, config.sketch_energy))
                 timings["prior_stats_s"] = time.perf_counter() - t
             if "weight_norms" not in bank.meta:
                 bank = dataclasses.replace(bank, meta={**bank.meta, "weight_norms": _weight_norms(model, specs)})
@@ -1029,13 +1024,15 @@ def _phase(cb: TrainCallbacks, name: str) -> None:
 def _make_concept(run: _Run, final: dict[str, torch.Tensor], cfg: TrainConfig, method: Method) -> Concept:
     """The trained concept: factors, sketches, protection per layer, and what the bank's report needs."""
     layers: dict[str, ConceptLayer] = {}
+    moments = {name: m.cpu() for name, m in final.items()}
+    sketches = sketches_from_moments(moments, cfg.sketch_rank, cfg.sketch_energy)
     for g in run.groups:
         for i, spec in enumerate(g.specs):
-            moment = final[spec.name].cpu()
+            moment = moments[spec.name]
             layers[spec.name] = ConceptLayer(
                 g.A[i].detach().cpu().clone(),
                 g.B[i].detach().cpu().clone(),
-                sketch_moment(moment, cfg.sketch_rank, cfg.sketch_energy),
+                sketches[spec.name],
                 g.soft[i],
                 moment.float() if method.keep_moment else None,
                 g.protection[i],
