@@ -11,19 +11,22 @@ from seqlora_core.method.targets import layer_spec
 
 
 class Attention(nn.Module):
-    """q, k and v read the same input; k2 and v2 read a context shared with another block."""
+    """q, k and v read the same input; k2 and v2 read a context that k3, in a later block, reads again after
+    five layers with inputs of their own."""
 
     def __init__(self, inplace_between: bool = False) -> None:
         super().__init__()
         self.q, self.k, self.v = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 6)
-        self.k2, self.v2 = nn.Linear(5, 6), nn.Linear(5, 6)
+        self.k2, self.v2, self.k3 = nn.Linear(5, 6), nn.Linear(5, 6), nn.Linear(5, 6)
+        self.mlp = nn.Sequential(*[nn.Linear(6, 6) for _ in range(5)])
         self.inplace_between = inplace_between
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         q = self.q(x)
         if self.inplace_between:
             x.mul_(3.0)  # the next reader sees other values
-        return (q + self.k(x) + self.v(x)).sum() + (self.k2(context) + self.v2(context)).sum()
+        h = q + self.k(x) + self.v(x)
+        return self.mlp(h).sum() + (self.k2(context) + self.v2(context)).sum() + self.k3(context).sum()
 
 
 def _moments(model: nn.Module, inputs: list[tuple[torch.Tensor, torch.Tensor]], inference: bool, monkeypatch):
@@ -53,10 +56,10 @@ def test_shared_inputs_give_each_layer_its_own_exact_moment(monkeypatch) -> None
     inputs = [(torch.randn(7, 6, generator=gen), torch.randn(3, 5, generator=gen)) for _ in range(3)]
     for inference in (False, True):
         got, products = _moments(Attention(), inputs, inference, monkeypatch)
-        assert products == 2, "one product for x (q, k, v), one for the context (k2, v2)"
+        assert products == 2 + 5, "one for x (q, k, v), one for the context (k2, v2, k3), one per mlp layer"
         for name in ("q", "k", "v"):
             assert torch.allclose(got[name], _expected([x for x, _ in inputs]), atol=1e-6), (name, inference)
-        for name in ("k2", "v2"):
+        for name in ("k2", "v2", "k3"):
             assert torch.allclose(got[name], _expected([c for _, c in inputs]), atol=1e-6), (name, inference)
 
 
@@ -64,7 +67,7 @@ def test_an_input_changed_in_place_between_readers_is_measured_again(monkeypatch
     gen = torch.Generator().manual_seed(1)
     inputs = [(torch.randn(7, 6, generator=gen), torch.randn(3, 5, generator=gen)) for _ in range(2)]
     got, products = _moments(Attention(inplace_between=True), inputs, False, monkeypatch)
-    assert products == 3
+    assert products == 3 + 5
     assert torch.allclose(got["q"], _expected([x for x, _ in inputs]), atol=1e-6)
     assert torch.allclose(got["k"], _expected([3 * x for x, _ in inputs]), atol=1e-5)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -118,9 +119,7 @@ class MomentRecorder:
     """Accumulates sum(x x^T) and the row count of chosen layers' inputs through forward pre-hooks.
 
     Linear layers that read the same tensor (an attention's q, k and v; every cross-attention's k and v
-    read the one text context) share one product per forward pass."""
-
-    SHARED = 4  # recent linear inputs whose products are kept for the next layers that read them
+    read the one text context) share one product while that tensor lives and is unchanged."""
 
     def __init__(self, model: nn.Module, specs: Iterable[LayerSpec]):
         self.model = model
@@ -128,7 +127,7 @@ class MomentRecorder:
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
         self._handles: list = []
-        self._recent: list[tuple[torch.Tensor, object, torch.Tensor, int]] = []
+        self._shared: dict[int, tuple[weakref.ref, object, torch.Tensor, int]] = {}
 
     @staticmethod
     def _stamp(x: torch.Tensor) -> object:
@@ -140,15 +139,17 @@ class MomentRecorder:
             return (x.data_ptr(), tuple(x.shape))
 
     def _product(self, x: torch.Tensor, spec: LayerSpec, module: nn.Module) -> tuple[torch.Tensor, int]:
+        """(sum of x x^T over the layer's input rows, row count), computed once per living linear input."""
         if spec.kind == "linear":
             stamp = self._stamp(x)
-            for seen, seen_stamp, acc, count in self._recent:
-                if seen is x and seen_stamp == stamp:
-                    return acc, count
+            hit = self._shared.get(id(x))
+            if hit is not None and hit[0]() is x and hit[1] == stamp:
+                return hit[2], hit[3]
         rows = layer_rows(x.detach(), spec, module).float()
         acc = rows.T @ rows
         if spec.kind == "linear":
-            self._recent = [(x, stamp, acc, rows.shape[0]), *self._recent[: self.SHARED - 1]]
+            self._shared = {k: v for k, v in self._shared.items() if v[0]() is not None}  # drop freed inputs
+            self._shared[id(x)] = (weakref.ref(x), stamp, acc, rows.shape[0])
         return acc, rows.shape[0]
 
     def _hook(self, name: str, spec: LayerSpec, module: nn.Module) -> Callable:
@@ -172,7 +173,7 @@ class MomentRecorder:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        self._recent.clear()  # holds activations
+        self._shared.clear()
 
     def moments(self) -> dict[str, torch.Tensor]:
         """E[x x^T] per layer (float32, on the layer's device)."""
