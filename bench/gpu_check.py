@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 from _common import sd15_unet, synthetic_bank, write_result
-from step_overhead import loss_fn, make_batches
+from step_overhead import interleaved, loss_fn, make_batches, time_steps
 
-from seqlora_core import TrainCallbacks, TrainConfig, compose, train_concept
+from seqlora_core import TrainConfig, compose, train_concept
 from seqlora_core.interop.bank_lora import export_concept
 from seqlora_core.interop.lora_read import read_lora_file
 
@@ -127,61 +127,17 @@ def correctness(unet, latent: int, steps: int, results: list[dict]) -> dict:
 
 
 def speed(unet, latent: int, steps: int, repeats: int, counts: list[int]) -> list[dict]:
-    banks = {n: (synthetic_bank(unet, n) if n else None) for n in counts}
-    rows: dict[tuple[int, str], list[dict]] = {}
-    batches = make_batches(latent, "cuda")
-    for rep in range(repeats):
-        for n in counts:
-            for method in ("lora", "seqlora"):
-                stamps: list[float] = []
-                cfg = TrainConfig(
-                    name="new", method=method, rank=4, steps=steps, lr=1e-4, stats_batches=2, precision="auto"
-                )
-                t0 = time.perf_counter()
-                new = train_concept(
-                    unet,
-                    loss_fn,
-                    batches,
-                    cfg,
-                    banks[n],
-                    callbacks=TrainCallbacks(on_step=lambda i, stamps=stamps: stamps.append(time.perf_counter())),
-                )
-                total = time.perf_counter() - t0
-                per = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
-                tm = new.concepts[-1].timings
-                r = {
-                    "step_s": statistics.median(per),
-                    "upper_s": tm["upper_s"] / steps,
-                    "fixed_s": total - (stamps[-1] - stamps[0]) - per[0],
-                }
-                rows.setdefault((n, method), []).append(r)
-                print(
-                    f"repeat {rep} bank {n:3d} {method:8s} step {r['step_s'] * 1e3:7.1f} ms upper "
-                    f"{r['upper_s'] * 1e3:6.2f} ms fixed {r['fixed_s']:.1f} s",
-                    flush=True,
-                )
-    table = []
-    for n in counts:
-        lo = statistics.median(r["step_s"] for r in rows[(n, "lora")])
-        sq = statistics.median(r["step_s"] for r in rows[(n, "seqlora")])
-        up = statistics.median(r["upper_s"] for r in rows[(n, "seqlora")])
-        table.append(
-            {
-                "bank": n,
-                "lora_step_s": lo,
-                "seqlora_step_s": sq,
-                "ratio": sq / lo,
-                "upper_step_s": up,
-                "upper_share_of_lora_step": up / lo,
-                "lora_fixed_s": statistics.median(r["fixed_s"] for r in rows[(n, "lora")]),
-                "seqlora_fixed_s": statistics.median(r["fixed_s"] for r in rows[(n, "seqlora")]),
-            }
-        )
+    table = interleaved(
+        unet,
+        counts,
+        repeats,
+        lambda bank, method: time_steps(unet, bank, method, steps, latent, "cuda", precision="auto", stats_batches=2),
+    )
     for r in table:
         print(
             f"bank {r['bank']:3d}: lora {r['lora_step_s'] * 1e3:.1f} ms, seqlora {r['seqlora_step_s'] * 1e3:.1f} ms "
             f"(x{r['ratio']:.3f}); upper level {r['upper_share_of_lora_step']:.1%} of a LoRA step; fixed cost "
-            f"{r['seqlora_fixed_s']:.1f} s vs {r['lora_fixed_s']:.1f} s",
+            f"{r['seqlora_setup_s']:.1f} s vs {r['lora_setup_s']:.1f} s",
             flush=True,
         )
     return table

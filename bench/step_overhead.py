@@ -43,10 +43,15 @@ def loss_fn(unet, b):
     return torch.nn.functional.mse_loss(pred.float(), b["noise"])
 
 
-def time_steps(unet, bank, method: str, steps: int, latent: int, device: str) -> dict:
+def time_steps(
+    unet, bank, method: str, steps: int, latent: int, device: str, precision: str = "auto", stats_batches: int = 1
+) -> dict:
+    """One timed training of ``steps`` steps: median step, upper level per step, the fixed cost around them."""
     stamps: list[float] = []
     cb = TrainCallbacks(on_step=lambda info: stamps.append(time.perf_counter()))
-    cfg = TrainConfig(name="new", method=method, rank=4, steps=steps, lr=1e-4, stats_batches=1)
+    cfg = TrainConfig(
+        name="new", method=method, rank=4, steps=steps, lr=1e-4, stats_batches=stats_batches, precision=precision
+    )
     batches = make_batches(latent, device)
     t0 = time.perf_counter()
     new_bank = train_concept(unet, loss_fn, batches, cfg, bank, callbacks=cb)
@@ -58,6 +63,43 @@ def time_steps(unet, bank, method: str, steps: int, latent: int, device: str) ->
         "upper_s_per_step": tm["upper_s"] / steps,
         "setup_s": total - (stamps[-1] - stamps[0]) - per_step[0] if per_step else total,
     }
+
+
+def interleaved(unet, counts: list[int], repeats: int, run) -> list[dict]:
+    """``run(bank, method)`` -> :func:`time_steps`'s dict for every bank size and both methods, interleaved
+    (A B A B ...) ``repeats`` times; one row of medians per bank size."""
+    banks = {n: (synthetic_bank(unet, n) if n else None) for n in counts}
+    rows: dict[tuple[int, str], list[dict]] = {}
+    for rep in range(repeats):
+        for n in counts:
+            for method in ("lora", "seqlora"):
+                r = run(banks[n], method)
+                rows.setdefault((n, method), []).append(r)
+                print(
+                    f"repeat {rep} bank {n:3d} {method:8s} step {r['step_s'] * 1000:8.1f} ms  "
+                    f"(upper level {r['upper_s_per_step'] * 1000:6.1f} ms, setup {r['setup_s']:.1f} s)",
+                    flush=True,
+                )
+
+    def med(n: int, method: str, key: str) -> float:
+        return statistics.median(r[key] for r in rows[(n, method)])
+
+    table = []
+    for n in counts:
+        lo, sq, up = med(n, "lora", "step_s"), med(n, "seqlora", "step_s"), med(n, "seqlora", "upper_s_per_step")
+        table.append(
+            {
+                "bank": n,
+                "lora_step_s": lo,
+                "seqlora_step_s": sq,
+                "ratio": sq / lo,
+                "upper_step_s": up,
+                "upper_share_of_lora_step": up / lo,
+                "lora_setup_s": med(n, "lora", "setup_s"),
+                "seqlora_setup_s": med(n, "seqlora", "setup_s"),
+            }
+        )
+    return table
 
 
 def main() -> None:
@@ -72,40 +114,17 @@ def main() -> None:
     latent = args.latent or (64 if device == "cuda" else 16)
     unet = sd15_unet(args.full, device)
     counts = [int(x) for x in args.banks.split(",")]
-    banks = {n: (synthetic_bank(unet, n) if n else None) for n in counts}
-    rows: dict[tuple[int, str], list[dict]] = {}
-    for rep in range(args.repeats):
-        for n in counts:
-            for method in ("lora", "seqlora"):
-                r = time_steps(unet, banks[n], method, args.steps, latent, device)
-                rows.setdefault((n, method), []).append(r)
-                print(
-                    f"repeat {rep} bank {n:3d} {method:8s} step {r['step_s'] * 1000:8.1f} ms  "
-                    f"(upper level {r['upper_s_per_step'] * 1000:6.1f} ms, setup {r['setup_s']:.1f} s)",
-                    flush=True,
-                )
-    table = []
+    table = interleaved(
+        unet, counts, args.repeats, lambda bank, method: time_steps(unet, bank, method, args.steps, latent, device)
+    )
     print(
         f"\nSD1.5-width UNet ({'full' if args.full else 'one layer per block'}), {device}, latent {latent}x{latent}, "
         f"batch 1, rank 4, attention projections; median step over {args.steps - 1} steps x {args.repeats} repeats"
     )
     print(f"{'bank':>5} {'lora ms':>9} {'seqlora ms':>11} {'ratio':>7} {'upper ms':>9} {'upper/lora step':>16}")
-    for n in counts:
-        lo = statistics.median(r["step_s"] for r in rows[(n, "lora")])
-        sq = statistics.median(r["step_s"] for r in rows[(n, "seqlora")])
-        up = statistics.median(r["upper_s_per_step"] for r in rows[(n, "seqlora")])
-        table.append(
-            {
-                "bank": n,
-                "lora_step_s": lo,
-                "seqlora_step_s": sq,
-                "ratio": sq / lo,
-                "upper_step_s": up,
-                "upper_share_of_lora_step": up / lo,
-                "seqlora_setup_s": statistics.median(r["setup_s"] for r in rows[(n, "seqlora")]),
-            }
-        )
-        print(f"{n:5d} {lo * 1000:9.1f} {sq * 1000:11.1f} {sq / lo:7.3f} {up * 1000:9.1f} {up / lo:16.3f}")
+    for r in table:
+        lo, sq, up = r["lora_step_s"], r["seqlora_step_s"], r["upper_step_s"]
+        print(f"{r['bank']:5d} {lo * 1000:9.1f} {sq * 1000:11.1f} {sq / lo:7.3f} {up * 1000:9.1f} {up / lo:16.3f}")
     path = write_result(
         f"step_overhead_{device}{'_full' if args.full else ''}",
         {
