@@ -53,7 +53,7 @@ def line_chart(
     d.text(((w - right) // 2, h - 18), xlabel, fill="black", font=font)
     d.text((4, top - 20), ylabel, fill="black", font=font)
     for i, (name, s) in enumerate(series.items()):
-        colour = COLOURS.get(name, (0, 0, 0))
+        colour = COLOURS.get(name) or tuple(c // 2 for c in COLOURS.get(name.split(",")[0], (0, 0, 0)))
         s = sorted(s)
         d.line([(px(x), py(y)) for x, y, _ in s], fill=colour, width=2)
         for x, y, e in s:
@@ -68,7 +68,8 @@ def line_chart(
 
 
 def plot_quality(summary: list[dict], prefix: Path) -> list[Path]:
-    """Final identity, average forgetting and interference against N, one line per method."""
+    """Final identity, average forgetting and interference against N, one line per method; runs at a rank
+    other than the usual one get lines of their own ("seqlora, rank 2", a darker shade)."""
     out = []
     for key, label in (
         ("mean_identity_alone", "identity, each concept alone"),
@@ -78,9 +79,12 @@ def plot_quality(summary: list[dict], prefix: Path) -> list[Path]:
         ("interference_on_earlier", "interference of new concepts on earlier ones"),
     ):
         series: dict[str, list[Point]] = {}
+        ranks = [s.get("rank") for s in summary]
+        usual = max(set(ranks), key=ranks.count)
         for s in summary:
             if s.get(key) is not None:
-                series.setdefault(s["method"], []).append((s["n"], s[key], s[key + "_std"]))
+                name = s["method"] if s.get("rank") == usual else f"{s['method']}, rank {s['rank']}"
+                series.setdefault(name, []).append((s["n"], s[key], s[key + "_std"]))
         if series:
             out.append(line_chart(series, label, "concepts N", label, Path(f"{prefix}_{key}.png")))
     return out

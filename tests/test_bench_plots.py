@@ -46,3 +46,12 @@ def test_bench_tables_land_between_their_markers_in_docs_benchmarks(tmp_path):
     assert update_tables("q", "| new |\n", doc)
     assert doc.read_text() == "intro\n<!-- bench:q -->\n| new |\n<!-- /bench:q -->\nafter\n"
     assert not update_tables("absent", "x", doc)
+
+
+def test_a_run_at_another_rank_gets_a_line_of_its_own(tmp_path):
+    rows = [("seqlora", 4, n, 0.8) for n in (4, 8)] + [("seqlora", 2, 64, 0.2)]
+    summary = [{"method": m, "rank": r, "n": n, "final_identity": v, "final_identity_std": 0.0} for m, r, n, v in rows]
+    img = np.asarray(Image.open(plot_quality(summary, tmp_path / "q")[0]).convert("RGB")).astype(int)
+    darker = tuple(c // 2 for c in COLOURS["seqlora"])
+    for colour in (COLOURS["seqlora"], darker):
+        assert (np.abs(img - colour).sum(-1) == 0).sum() > 20, colour
