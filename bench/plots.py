@@ -71,6 +71,8 @@ def plot_quality(summary: list[dict], prefix: Path) -> list[Path]:
     """Final identity, average forgetting and interference against N, one line per method; runs at a rank
     other than the usual one get lines of their own ("seqlora, rank 2", a darker shade)."""
     out = []
+    ranks = [s.get("rank") for s in summary]
+    usual = max(set(ranks), key=ranks.count) if ranks else None
     for key, label in (
         ("mean_identity_alone", "identity, each concept alone"),
         ("final_identity", "identity, all concepts composed"),
@@ -79,8 +81,6 @@ def plot_quality(summary: list[dict], prefix: Path) -> list[Path]:
         ("interference_on_earlier", "interference of new concepts on earlier ones"),
     ):
         series: dict[str, list[Point]] = {}
-        ranks = [s.get("rank") for s in summary]
-        usual = max(set(ranks), key=ranks.count)
         for s in summary:
             if s.get(key) is not None:
                 name = s["method"] if s.get("rank") == usual else f"{s['method']}, rank {s['rank']}"

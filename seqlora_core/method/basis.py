@@ -149,8 +149,9 @@ def _complement_eigen_lowrank(s: LowRankMoment, q_prev: torch.Tensor | None) -> 
             mu, v = torch.linalg.eigh((core + core.T) / 2)
             inside = w @ v
     known = inside if q is None else torch.cat([q, inside], 1)
-    rest = torch.linalg.qr(known, mode="complete")[0][:, known.shape[1] :] if known.shape[1] else None
-    if rest is None:
+    if known.shape[1]:
+        rest = torch.linalg.qr(known, mode="complete")[0][:, known.shape[1] :]
+    else:
         rest = torch.eye(s.n, dtype=u.dtype, device=u.device)
     basis = torch.cat([inside, rest], 1)
     evals = torch.cat([mu, torch.zeros(rest.shape[1], dtype=u.dtype, device=u.device)]) + s.c

@@ -203,12 +203,13 @@ def sketches_from_moments(moments: dict[str, torch.Tensor], k_max: int = 32, ene
     """Per-layer sketches of per-layer moments. Layers with equal moments (every cross-attention's k and v
     read the one text context) share one sketch, computed once."""
     out: dict[str, Sketch] = {}
-    done: list[tuple[torch.Tensor, Sketch]] = []
+    done: dict[tuple, list[tuple[torch.Tensor, Sketch]]] = {}  # by (shape, trace): equal moments share both
     for name, m in moments.items():
-        same = next((sk for seen, sk in done if seen.shape == m.shape and torch.equal(seen, m)), None)
+        seen = done.setdefault((tuple(m.shape), float(m.diagonal().sum())), [])
+        same = next((sk for other, sk in seen if torch.equal(other, m)), None)
         out[name] = same if same is not None else sketch_moment(m, k_max, energy)
         if same is None:
-            done.append((m, out[name]))
+            seen.append((m, out[name]))
     return out
 
 
