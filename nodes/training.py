@@ -10,6 +10,7 @@ cancel button.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections import OrderedDict
@@ -39,13 +40,20 @@ class UnsupportedModelError(ValueError):
     """The Train node cannot train this model (the message names what it supports)."""
 
 
-def server():
-    """ComfyUI's PromptServer, or None outside a server."""
+@functools.cache
+def _prompt_server_class() -> Any:
+    """ComfyUI's PromptServer class, or None where ``server`` does not import (looked up once: a failed
+    import is not cached by Python and would be retried, and paid for, on every event)."""
     try:
         from server import PromptServer
     except ImportError:
         return None
-    return getattr(PromptServer, "instance", None)
+    return PromptServer
+
+
+def server():
+    """ComfyUI's PromptServer, or None outside a server."""
+    return getattr(_prompt_server_class(), "instance", None)
 
 
 def send_event(event: str, data: dict[str, Any]) -> None:

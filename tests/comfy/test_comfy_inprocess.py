@@ -4,6 +4,7 @@ ComfyUI's stock LoraLoader."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -199,3 +200,29 @@ def test_training_is_deterministic_and_an_interrupted_run_resumes_to_the_same_re
     assert len(loss["loss"]) == STEPS
     assert torch.allclose(factors(bank), straight, atol=1e-6), "resumed == uninterrupted"
     assert not list(autosave.glob("det-*.checkpoint"))
+
+
+def test_events_outside_a_server_look_the_server_up_once(pack, monkeypatch) -> None:
+    """Where ComfyUI's ``server`` does not import (scripts, this process), training events do not retry
+    the import each time: a failed import is not cached by Python and cost milliseconds per event."""
+    training = pack.nodes.training
+    attempts = []
+
+    class FailingServer:  # a finder for "server" that always fails, counting the attempts
+        @staticmethod
+        def find_spec(name, path=None, target=None):
+            if name == "server":
+                attempts.append(name)
+                raise ImportError("no server here")
+            return None
+
+    monkeypatch.delitem(sys.modules, "server", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [FailingServer, *sys.meta_path])
+    training._prompt_server_class.cache_clear()
+    try:
+        for step in range(5):
+            training.send_event(training.LOSS_EVENT, {"node": "x", "step": step})
+        assert training.server() is None
+        assert attempts == ["server"]
+    finally:
+        training._prompt_server_class.cache_clear()
