@@ -6,9 +6,12 @@ resumes; a diverging run stops with a message and keeps its last good progress."
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -429,3 +432,32 @@ def test_rank_above_a_layer_width_is_a_clear_error(trained_base, capsys) -> None
     err = capsys.readouterr().err
     assert "--rank: 200 is more than layer" in err and "use at most 32" in err, err
     assert bank.read_bytes() == old
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None, reason="with torchvision there is no notice")
+def test_the_command_line_keeps_transformers_torchvision_notice_out_of_its_output(tmp_path: Path) -> None:
+    """diffusers' pipelines import transformers' image processors, which without torchvision log a notice
+    asking to install it; the command line never uses them, so its output does not carry that notice."""
+    code = (
+        "import sys\n"
+        "from seqlora_core.apps.cli import main\n"
+        "if sys.argv[1] == 'cli':\n"
+        "    main(['report', '--bank', sys.argv[2]])\n"
+        "import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    runs = {
+        how: subprocess.run(
+            [sys.executable, "-c", code, how, str(tmp_path / "none.safetensors")],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+        )
+        for how in ("cli", "library")
+    }
+    assert "torchvision" in runs["library"].stderr, "the notice this test is about no longer appears"
+    assert "does not exist" in runs["cli"].stderr
+    assert "torchvision" not in runs["cli"].stderr

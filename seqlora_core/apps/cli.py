@@ -521,9 +521,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _drop_torchvision_notices(record: logging.LogRecord) -> bool:
+    """False for transformers' notice that its image processors fall back to PIL without torchvision:
+    diffusers' pipelines import them, the command line never uses them, and the notice asks users to
+    install a package they do not need."""
+    return "requires torchvision" not in record.getMessage()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    logging.getLogger("transformers.utils.import_utils").addFilter(_drop_torchvision_notices)
     from ..method.bank import BankError
 
     try:
