@@ -6,8 +6,11 @@ batch 1, AdamW for ComfyUI's. "step" is the median gap between consecutive train
 node's whole run, everything it does before and after its steps included (encoding, statistics, the
 basis, saving). SeqLoRA trains two concepts: the first of a new bank (which also measures the base model's
 own generations, once per bank) and a second one on top of it (what every later concept costs).
+``--rounds N`` runs all three N times in one process, alternating whether ComfyUI's trainer or SeqLoRA's
+goes first, and reports the medians (per trainer, and of each round's ratios): on a noisy machine one
+round can land in a slow spell.
 
-    COMFYUI_PATH=/path/to/ComfyUI python bench/comfy_trainer_ratio.py --px 64 --steps 100 \\
+    COMFYUI_PATH=/path/to/ComfyUI python bench/comfy_trainer_ratio.py --px 64 --steps 100 --rounds 5 \\
         --json bench/results/comfy_trainer_ratio_64px.json
 
 Without --checkpoint it builds the tiny SD1.5-detected test checkpoint (random weights; ``--family
@@ -88,13 +91,15 @@ def run(
     family: str = "sd15",
     device: str = "cpu",
     after: Callable[[dict], None] | None = None,
+    rounds: int = 1,
 ) -> dict:
-    """Both trainers side by side; their files live in a temp folder that is always removed. ``after(context)``
-    (model, clip, vae, images, bank, pack, tmp) runs before that, for checks of what was trained."""
+    """Both trainers side by side, ``rounds`` times (see ``_run_in``); their files live in a temp folder that
+    is always removed. ``after(context)`` (model, clip, vae, images, bank, pack, tmp) runs before that, for
+    checks of what was trained."""
     with tempfile.TemporaryDirectory(prefix="seqlora-bench-") as tmp:
         _TEMP_DIRS.append(Path(tmp))
         try:
-            return _run_in(Path(tmp), checkpoint, steps, rank, px, threads, family, device, after)
+            return _run_in(Path(tmp), checkpoint, steps, rank, px, threads, family, device, after, rounds)
         finally:
             _TEMP_DIRS.remove(Path(tmp))
 
@@ -112,7 +117,7 @@ def _remove_temp_and_exit(signum: int, frame) -> None:
     os._exit(128 + signum)
 
 
-def _comfy_trainer(nt, model, vae, clip, images, steps: int, rank: int, dtype: str) -> dict:
+def _comfy_trainer(nt, model, vae, clip, images, steps: int, rank: int, dtype: str, seed: int = 0) -> dict:
     """ComfyUI's TrainLoraNode on the target layers: its step times and total."""
     import time as _time
 
@@ -144,7 +149,7 @@ def _comfy_trainer(nt, model, vae, clip, images, steps: int, rank: int, dtype: s
                 rank,
                 "AdamW",
                 "MSE",
-                0,
+                seed,
                 dtype,
                 "fp32",
                 "LoRA",
@@ -175,7 +180,11 @@ def _run_in(
     family: str,
     device: str,
     after: Callable[[dict], None] | None = None,
+    rounds: int = 1,
 ) -> dict:
+    """Build the checkpoint and images, then ``rounds`` rounds of: ComfyUI's trainer, and SeqLoRA's first
+    concept of a new bank and a second one on it (in alternating order, each round with its own seed and
+    with the text cache emptied). Each trainer's medians over the rounds (``combine_rounds``)."""
     import torch
 
     if threads:
@@ -184,82 +193,126 @@ def _run_in(
     pack = h.load_pack()
     import comfy.model_management as mm
     import comfy.sd
-    import comfy.utils
     import comfy_extras.nodes_train as nt
 
     ckpt = checkpoint or h.build_tiny_checkpoint(tmp / f"{family}.safetensors", family=family)
     model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(ckpt), output_vae=True, output_clip=True)[:3]
     h.make_images(tmp / "models" / "input" / "seqlora" / "bench", 4, size=px, seed=5, color=(200, 60, 20))
     nodes = pack.NODE_CLASS_MAPPINGS
-    results: dict[str, dict] = {}
     dtype = "fp32" if device == "cpu" else "bf16"
+    per_round: list[dict[str, dict]] = []
     with torch.inference_mode():
         images, captions, _ = nodes["SeqLoRAImageFolder"]().run("seqlora/bench", px)["result"]
-        results[THEIRS] = _comfy_trainer(nt, model, vae, clip, images, steps, rank, dtype)
-        mm.unload_all_models()
+        for rnd in range(rounds):
+            results: dict[str, dict] = {}
 
-        bank = None
-        for label, concept in zip(OURS, ("first", "second"), strict=True):
-            node_id = f"bench-{concept}"
-            step_stamps: list[float] = []
+            def theirs(rnd: int = rnd, results: dict = results) -> None:
+                results[THEIRS] = _comfy_trainer(nt, model, vae, clip, images, steps, rank, dtype, seed=rnd)
+                mm.unload_all_models()
 
-            def hook(value, total, preview, node_id=None, stamps=step_stamps, mine=node_id):
-                if node_id == mine:  # training steps; the base model's generations have a bar of their own
-                    stamps.append(time.perf_counter())
+            def ours(rnd: int = rnd, results: dict = results) -> None:
+                pack.nodes.training.TEXTS.items.clear()  # every round encodes its texts, as ComfyUI's does
+                bank = None
+                for label, concept in zip(OURS, ("first", "second"), strict=True):
+                    results[label], bank = _our_concept(
+                        nodes, model, clip, vae, images, captions, concept, bank, steps, rank, rnd
+                    )
+                results["bank"] = bank
+                mm.unload_all_models()
 
-            comfy.utils.set_progress_bar_global_hook(hook)
-            t0 = time.perf_counter()
-            try:
-                out = nodes["SeqLoRATrainConcept"]().run(
-                    model,
-                    clip,
-                    vae,
-                    images,
-                    concept,
-                    f"sks {concept}",
-                    "seqlora",
-                    rank,
-                    steps,
-                    1e-4,
-                    0.05,
-                    "attn",
-                    0,
-                    1,
-                    "a photo of {trigger}",
-                    bank,
-                    captions,
-                    unique_id=node_id,
-                )
-            finally:
-                comfy.utils.set_progress_bar_global_hook(None)
-            total = time.perf_counter() - t0
-            bank = out["result"][0]
-            c = bank.concept(concept)
-            trainer_total = c.timings.get("total_s", float("nan"))
-            results[label] = {
-                "step_s": median_gap(step_stamps),
-                "total_s": total,
-                "steps": len(step_stamps),
-                "layers": len(bank.layers),
-                "outside_trainer_s": total - trainer_total,
-                "timings": {k: round(v, 3) for k, v in c.timings.items()},
-                "loss_last": c.loss_curve[-1],
-            }
+            for part in (theirs, ours) if rnd % 2 == 0 else (ours, theirs):  # alternate who goes first
+                part()
+            per_round.append(results)
+        bank = per_round[-1].pop("bank")
+        for r in per_round[:-1]:
+            r.pop("bank")
         if after is not None:
             after({"model": model, "clip": clip, "vae": vae, "images": images, "bank": bank, "pack": pack, "tmp": tmp})
-    return results
+    return combine_rounds(per_round)
+
+
+def _our_concept(nodes, model, clip, vae, images, captions, concept: str, bank, steps: int, rank: int, seed: int):
+    """One run of SeqLoRA's Train node (a new bank when ``bank`` is None): (its timings, the new bank)."""
+    import comfy.utils
+
+    node_id = f"bench-{concept}"
+    step_stamps: list[float] = []
+
+    def hook(value, total, preview, node_id=None, stamps=step_stamps, mine=node_id):
+        if node_id == mine:  # training steps; the base model's generations have a bar of their own
+            stamps.append(time.perf_counter())
+
+    comfy.utils.set_progress_bar_global_hook(hook)
+    t0 = time.perf_counter()
+    try:
+        out = nodes["SeqLoRATrainConcept"]().run(
+            model,
+            clip,
+            vae,
+            images,
+            concept,
+            f"sks {concept}",
+            "seqlora",
+            rank,
+            steps,
+            1e-4,
+            0.05,
+            "attn",
+            seed,
+            1,
+            "a photo of {trigger}",
+            bank,
+            captions,
+            unique_id=node_id,
+        )
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    total = time.perf_counter() - t0
+    bank = out["result"][0]
+    c = bank.concept(concept)
+    trainer_total = c.timings.get("total_s", float("nan"))
+    result = {
+        "step_s": median_gap(step_stamps),
+        "total_s": total,
+        "steps": len(step_stamps),
+        "layers": len(bank.layers),
+        "outside_trainer_s": total - trainer_total,
+        "timings": {k: round(v, 3) for k, v in c.timings.items()},
+        "loss_last": c.loss_curve[-1],
+    }
+    return result, bank
+
+
+def combine_rounds(per_round: list[dict[str, dict]]) -> dict[str, dict]:
+    """Each trainer's first round, with step_s and total_s the medians over the rounds and every round's
+    step_s and total_s listed under "rounds"."""
+    out = {}
+    for name in per_round[0]:
+        rows = [r[name] for r in per_round]
+        out[name] = rows[0] | {
+            "step_s": statistics.median(r["step_s"] for r in rows),
+            "total_s": statistics.median(r["total_s"] for r in rows),
+            "rounds": [{"step_s": r["step_s"], "total_s": r["total_s"]} for r in rows],
+        }
+    return out
 
 
 def ratios(res: dict) -> dict:
-    """Ours / ComfyUI's, per step and in total, for both of our concepts."""
-    theirs = res[THEIRS]
-    return {
-        label: {
-            "per_step": res[label]["step_s"] / theirs["step_s"],
-            "total": res[label]["total_s"] / theirs["total_s"],
+    """Ours / ComfyUI's, per step and in total, for both of our concepts: the median over the rounds of each
+    round's ratio (each round's trainers ran next to each other), and every round's ratio."""
+    theirs = res[THEIRS].get("rounds") or [res[THEIRS]]
+    out = {}
+    for label in OURS:
+        mine = res[label].get("rounds") or [res[label]]
+        step = [m["step_s"] / t["step_s"] for m, t in zip(mine, theirs, strict=True)]
+        total = [m["total_s"] / t["total_s"] for m, t in zip(mine, theirs, strict=True)]
+        out[label] = {
+            "per_step": statistics.median(step),
+            "total": statistics.median(total),
+            "per_step_rounds": step,
+            "total_rounds": total,
         }
-        for label in OURS
-    }
+    return out
 
 
 def table(files: list[Path]) -> str:
@@ -305,6 +358,12 @@ def main() -> int:
     ap.add_argument("--px", type=int, default=64, help="training image side in pixels")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run both trainers this many times, alternating which goes first; report medians",
+    )
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     ap.add_argument(
         "--table", type=Path, nargs="+", default=None, help="only write docs/benchmarks.md's table of these"
@@ -322,7 +381,11 @@ def main() -> int:
         print(h.missing_requirements())
         return 2
     started = time.time()
-    res = run(args.checkpoint, args.steps, args.rank, args.px, args.threads, args.family, args.device)
+    if args.rounds < 1:
+        ap.error("--rounds: use 1 or more")
+    res = run(
+        args.checkpoint, args.steps, args.rank, args.px, args.threads, args.family, args.device, None, args.rounds
+    )
     rat = ratios(res)
     print(f"{'trainer':<40} {'step (s)':>10} {'total (s)':>10}  ratio per step / total")
     for name, r in res.items():
