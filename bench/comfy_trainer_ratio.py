@@ -201,6 +201,7 @@ def _run_in(
     nodes = pack.NODE_CLASS_MAPPINGS
     dtype = "fp32" if device == "cpu" else "bf16"
     per_round: list[dict[str, dict]] = []
+    banks: list = []  # each round's bank after its second concept
     with torch.inference_mode():
         images, captions, _ = nodes["SeqLoRAImageFolder"]().run("seqlora/bench", px)["result"]
         for rnd in range(rounds):
@@ -217,15 +218,13 @@ def _run_in(
                     results[label], bank = _our_concept(
                         nodes, model, clip, vae, images, captions, concept, bank, steps, rank, rnd
                     )
-                results["bank"] = bank
+                banks.append(bank)
                 mm.unload_all_models()
 
             for part in (theirs, ours) if rnd % 2 == 0 else (ours, theirs):  # alternate who goes first
                 part()
             per_round.append(results)
-        bank = per_round[-1].pop("bank")
-        for r in per_round[:-1]:
-            r.pop("bank")
+        bank = banks[-1]
         if after is not None:
             after({"model": model, "clip": clip, "vae": vae, "images": images, "bank": bank, "pack": pack, "tmp": tmp})
     return combine_rounds(per_round)
