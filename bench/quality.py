@@ -66,15 +66,27 @@ def concept_ids(n: int, seed: int) -> list[int]:
     return random.Random(seed).sample(range(N_IDENTITY), N_IDENTITY)[:n]
 
 
-def average_forgetting(matrix: list[list[float | None]]) -> float:
-    """mean_j (best all-composed identity of j, right after its training or at a checkpoint) - its final one.
+def best_composed(matrix: list[list[float | None]]) -> list[float]:
+    """Each concept's best all-composed identity: right after its training or at a checkpoint.
 
     Rows between checkpoints score only the newest concept, so the best is taken over the rows that score
     every concept plus j's own row."""
     n = len(matrix)
     rows = [t for t in range(n) if t + 1 in CHECKPOINTS or t + 1 == n]
-    best = [max([matrix[j][j]] + [matrix[t][j] for t in rows if t >= j and matrix[t][j] is not None]) for j in range(n)]
-    return statistics.mean(b - f for b, f in zip(best, matrix[-1], strict=True))
+    return [max([matrix[j][j]] + [matrix[t][j] for t in rows if t >= j and matrix[t][j] is not None]) for j in range(n)]
+
+
+def average_forgetting(matrix: list[list[float | None]]) -> float:
+    """mean_j (best all-composed identity of j) - its final one (see ``best_composed``)."""
+    return statistics.mean(b - f for b, f in zip(best_composed(matrix), matrix[-1], strict=True))
+
+
+def share_kept(matrix: list[list[float | None]]) -> float | None:
+    """sum_j final all-composed identity / sum_j best one: how much of what the concepts ever showed together
+    is left at the end. Forgetting alone favours a method whose concepts never compose (nothing to lose);
+    this does not. None when no concept ever scored."""
+    best = sum(best_composed(matrix))
+    return sum(matrix[-1]) / best if best > 0 else None
 
 
 def checkpoint(pipe, bank, method: str, seed: int, matrix, per_concept, base_images, ev, held_dir: Path) -> dict:
@@ -105,6 +117,7 @@ def checkpoint(pipe, bank, method: str, seed: int, matrix, per_concept, base_ima
         "mean_identity_alone": statistics.mean(alone.values()),
         "final_identity": statistics.mean(matrix[-1]),
         "average_forgetting": average_forgetting(matrix),
+        "share_kept": share_kept(matrix),
         "pair_identity": statistics.mean([(p["left"] + p["right"]) / 2 for p in pair_scores]) if pair_scores else None,
         "pairs": pair_scores,
         "prior_drift_pixels": prior_drift(pipe, bank, ev, base_images=base_images),
@@ -172,6 +185,7 @@ SUMMARY_KEYS = (
     "mean_identity_alone",
     "final_identity",
     "average_forgetting",
+    "share_kept",
     "pair_identity",
     "prior_drift_pixels",
     "interference_on_earlier",
@@ -206,6 +220,7 @@ TABLE_COLUMNS = (
     ("mean_identity_alone", "identity alone", 3),
     ("final_identity", "identity, all composed", 3),
     ("average_forgetting", "avg forgetting", 3),
+    ("share_kept", "kept of best", 2),
     ("pair_identity", "pair identity", 3),
     ("prior_drift_pixels", "prior drift", 3),
     ("interference_on_earlier", "interference on earlier", 3),
@@ -246,7 +261,11 @@ def load_rows(tag: str) -> list[dict]:
 
 
 def write_summary(tag: str, rows: list[dict], extra: dict) -> Path:
-    """Result JSON, markdown table and plots for ``rows``."""
+    """Result JSON, markdown table and plots for ``rows`` (measures added since a row was written are
+    derived from its identity matrix)."""
+    for r in rows:
+        if "share_kept" not in r:
+            r["share_kept"] = share_kept(r["identity_matrix"])
     summary = summarise(rows)
     print("\n" + table(summary))
     path = write_result(tag, {"how": __doc__, **extra, "summary": summary, "runs": rows})

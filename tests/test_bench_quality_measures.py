@@ -1,0 +1,37 @@
+"""The quality benchmark's forgetting measures on hand-made identity matrices (row t: identities after
+concept t + 1; None where a row between checkpoints did not score a concept)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from quality import average_forgetting, best_composed, share_kept  # noqa: E402
+
+# five concepts: checkpoints at N = 4 (a full row) and the last row; rows 1, 2 and 5 score fewer
+MATRIX = [
+    [0.8],
+    [None, 0.6],
+    [None, None, 1.0],
+    [0.4, 0.9, 0.5, 0.2],
+    [0.2, 0.3, 0.5, 0.0, 0.0],
+]
+
+
+def test_best_is_taken_over_own_rows_and_checkpoints() -> None:
+    assert best_composed(MATRIX) == [0.8, 0.9, 1.0, 0.2, 0.0]
+
+
+def test_forgetting_and_share_kept() -> None:
+    assert average_forgetting(MATRIX) == pytest.approx((0.6 + 0.6 + 0.5 + 0.2 + 0.0) / 5)
+    assert share_kept(MATRIX) == pytest.approx(1.0 / 2.9)
+
+
+def test_a_method_that_never_composes_forgets_little_and_keeps_nothing() -> None:
+    never = [[0.1], [None, 0.0], [None, None, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0]]
+    assert average_forgetting(never) == pytest.approx(0.02)
+    assert share_kept(never) == 0.0
+    assert share_kept([[0.0], [0.0, 0.0]]) is None
