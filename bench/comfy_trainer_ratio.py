@@ -299,10 +299,10 @@ def combine_rounds(per_round: list[dict[str, dict]]) -> dict[str, dict]:
 def ratios(res: dict) -> dict:
     """Ours / ComfyUI's, per step and in total, for both of our concepts: the median over the rounds of each
     round's ratio (each round's trainers ran next to each other), and every round's ratio."""
-    theirs = res[THEIRS].get("rounds") or [res[THEIRS]]
+    theirs = res[THEIRS]["rounds"]
     out = {}
     for label in OURS:
-        mine = res[label].get("rounds") or [res[label]]
+        mine = res[label]["rounds"]
         step = [m["step_s"] / t["step_s"] for m, t in zip(mine, theirs, strict=True)]
         total = [m["total_s"] / t["total_s"] for m, t in zip(mine, theirs, strict=True)]
         out[label] = {
