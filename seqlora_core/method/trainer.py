@@ -318,6 +318,20 @@ class Moment:
             e = e + self.tau * (whole - (b @ au).pow(2).sum((1, 2)))
         return e
 
+    def energy_and_gradients(
+        self, a: torch.Tensor, b: torch.Tensor, with_b: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(E, dE/dA, dE/dB or None) of E = tr(B A S A^T B^T) in closed form, without autograd: with
+        A S = (A U) diag(s - tau) U^T + tau A, dE/dA = 2 B^T B A S and dE/dB = 2 B A S A^T."""
+        au = a @ self.U
+        weighted = au * (self.root_s.pow(2) - self.tau.view(-1, 1, 1))
+        a_s = weighted @ self.U.mT + self.tau.view(-1, 1, 1) * a  # G x r x n
+        a_s_at = weighted @ au.mT + self.tau.view(-1, 1, 1) * (a @ a.mT)  # G x r x r
+        gram_b = b.mT @ b
+        energy = (gram_b * a_s_at).sum((1, 2))
+        grad_b = 2 * b @ a_s_at if with_b else None
+        return energy, 2 * gram_b @ a_s, grad_b
+
 
 @dataclass
 class LayerInit:
@@ -628,25 +642,31 @@ class _Run:
         The step size is theta = lambda / (lambda + LAMBDA_HALF) times R_self / L, L the curvature bound
         2 ||B||_op^2 ||S_old||_op of R_old in A: a growing lambda moves the basis faster, up to the step that
         cannot overshoot, whatever the scale of the energies."""
-        method = self.method
-        with torch.enable_grad():
-            a = g.A.detach().requires_grad_(True)
-            b = g.B.detach().requires_grad_(method.penalty_on_up)
-            view = Group(g.specs, a, b, g.q, g.old, g.own, g.soft, g.lam, g.protection)
-            r_old, r_self = self.penalty_terms(view, detach_b=False)
-            rel = r_old / (r_self + 1e-30)
-            g.last_rel = rel.detach()
-            self._interference_acc[0] = self._interference_acc[0] + r_old.detach().sum()
-            self._interference_acc[1] = self._interference_acc[1] + r_self.detach().sum()
-            if g.old is None or not bool((g.lam > 0).any()):
-                return None
-            grad_a = torch.autograd.grad(rel.sum(), a, retain_graph=method.penalty_on_up)[0]
-            if method.penalty_on_up:
-                g.B.grad = g.B.grad + torch.autograd.grad((g.lam * rel).sum(), b)[0]
+        if g.old is None or g.own is None or not bool((g.lam > 0).any()):
+            r_old, r_self = self.penalty_terms(g, detach_b=True)
+            self._record_interference(g, r_old, r_self)
+            return None
+        with_b = self.method.penalty_on_up
+        r_old, grad_old, b_old = g.old.energy_and_gradients(g.A, g.B.detach(), with_b)
+        r_self, grad_self, b_self = g.own.energy_and_gradients(g.A, g.B.detach(), with_b)
+        rel = self._record_interference(g, r_old, r_self)
+        # d(R_old / R_self) = dR_old / R_self - (R_old / R_self^2) dR_self, per layer
+        inv, ratio = (1 / (r_self + 1e-30)).view(-1, 1, 1), (rel / (r_self + 1e-30)).view(-1, 1, 1)
+        grad_a = grad_old * inv - grad_self * ratio
+        if with_b:
+            g.B.grad = g.B.grad + g.lam.view(-1, 1, 1) * (b_old * inv - b_self * ratio)
         s_top = torch.maximum(g.old.root_s[:, 0, 0].pow(2), g.old.tau) if g.old.root_s.shape[2] else g.old.tau
         curvature = 2 * torch.linalg.matrix_norm(g.B.detach(), ord=2).pow(2) * s_top
         scale = _theta(g.lam) * r_self.detach() / curvature.clamp_min(1e-30)
         return grad_a, scale.view(-1, 1, 1)
+
+    def _record_interference(self, g: Group, r_old: torch.Tensor, r_self: torch.Tensor) -> torch.Tensor:
+        """Keep this step's R_old / R_self of the group (for the dual step and the report); return it."""
+        rel = r_old / (r_self + 1e-30)
+        g.last_rel = rel
+        self._interference_acc[0] = self._interference_acc[0] + r_old.sum()
+        self._interference_acc[1] = self._interference_acc[1] + r_self.sum()
+        return rel
 
     def _upper_step(self) -> None:
         """The basis: learned bases take a Riemannian step (momentum on the loss's gradient, normalised per
