@@ -11,7 +11,7 @@ goes first, and reports the medians (per trainer, and of each round's ratios): o
 round can land in a slow spell.
 
     COMFYUI_PATH=/path/to/ComfyUI python bench/comfy_trainer_ratio.py --px 64 --steps 100 --rounds 5 \\
-        --json bench/results/comfy_trainer_ratio_64px.json
+        --json bench/results/comfy_trainer_ratio_64px_rounds.json
 
 Without --checkpoint it builds the tiny SD1.5-detected test checkpoint (random weights; ``--family
 sd15_full`` builds the real SD1.5 UNet shape). Everything it writes goes to a temp folder, removed at the
