@@ -151,11 +151,14 @@ def run(
     data_dir: Path,
     done: set[int],
     device: str = "cpu",
+    budget: float | None = None,
 ):
-    """Learn max(ns) concepts one after another; yield the checkpoint row at each N in ``ns`` not in ``done``."""
+    """Learn max(ns) concepts one after another; yield the checkpoint row at each N in ``ns`` not in ``done``.
+    With ``budget``, the rows' method is labelled "method (budget eps)"."""
     pipe = load_base(TOY, device)
     base_images = sample(pipe, PRIOR_PROMPTS, ev)
-    train = TOY_TRAIN | {"rank": rank}
+    train = TOY_TRAIN | {"rank": rank} | ({} if budget is None else {"budget": budget})
+    label = method if budget is None else f"{method} (budget {budget:g})"
     bank = None
     matrix: list[list[float | None]] = []
     per_concept = []
@@ -176,7 +179,7 @@ def run(
         scores, _ = concept_identity(pipe, bank, None, scored, ev)
         matrix.append([scores.get(x) for x in bank.names()])
         if t + 1 in ns and t + 1 not in done:
-            yield checkpoint(pipe, bank, method, seed, matrix, per_concept, base_images, ev, data_dir / "held_out")
+            yield checkpoint(pipe, bank, label, seed, matrix, per_concept, base_images, ev, data_dir / "held_out")
         if all(n in done or n <= t + 1 for n in ns):
             return
 
@@ -205,8 +208,12 @@ def summarise(rows: list[dict]) -> list[dict]:
     for r in rows:
         groups.setdefault((r["method"], r["n"], r.get("rank", 4)), []).append(r)
     order = {m: i for i, m in enumerate(METHODS)}
+
+    def rank_of(method: str) -> tuple[int, str]:  # a variant ("seqlora (budget 0.2)") right after its method
+        return order.get(method.split(" (")[0], len(order)), method
+
     out = []
-    for (method, n, rank), rs in sorted(groups.items(), key=lambda kv: (kv[0][2], kv[0][1], order[kv[0][0]])):
+    for (method, n, rank), rs in sorted(groups.items(), key=lambda kv: (kv[0][2], kv[0][1], rank_of(kv[0][0]))):
         s = {"method": method, "n": n, "rank": rank, "seeds": len(rs)}
         for k in SUMMARY_KEYS:
             vals = [r[k] for r in rs if r.get(k) is not None]
@@ -286,6 +293,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=TOY_STEPS, help=f"steps per concept (default {TOY_STEPS})")
     ap.add_argument("--lr", type=float, default=TOY_LR)
     ap.add_argument("--rank", type=int, default=TOY_TRAIN["rank"])
+    ap.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="interference budget eps of the constrained methods (default: TrainConfig's); the rows are "
+        'labelled "method (budget eps)"',
+    )
     ap.add_argument("--tag", default=None, help="result file name (default quality or quality_quick)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument(
@@ -297,7 +311,8 @@ def main() -> None:
     args = parse_args(ap)
     tag = args.tag or ("quality_quick" if args.quick else "quality")
     ev = EvalSettings(seeds=4)
-    extra = {"steps": args.steps, "lr": args.lr, "train": TOY_TRAIN | {"rank": args.rank}, "eval": vars(ev)}
+    train = TOY_TRAIN | {"rank": args.rank} | ({} if args.budget is None else {"budget": args.budget})
+    extra = {"steps": args.steps, "lr": args.lr, "train": train, "eval": vars(ev)}
     if args.combine:
         rows = [r for t in args.combine.split(",") for r in load_rows(t)]
         print(f"wrote {write_summary(tag, rows, extra | {'combined': args.combine.split(',')})}")
@@ -309,14 +324,17 @@ def main() -> None:
     partial = RESULTS / f"{tag}.partial.jsonl"
     rows = load_rows(tag) if partial.exists() else []
     done = {(r["method"], r["n"], r["seed"]) for r in rows}
+    label = (lambda m: m) if args.budget is None else (lambda m: f"{m} (budget {args.budget:g})")
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
             for method in methods:
-                have = {n for n in ns if (method, n, seed) in done}
+                have = {n for n in ns if (label(method), n, seed) in done}
                 if len(have) == len(ns):
                     continue
                 t0 = time.perf_counter()
-                for r in run(method, ns, seed, args.steps, args.lr, args.rank, ev, Path(tmp), have, args.device):
+                for r in run(
+                    method, ns, seed, args.steps, args.lr, args.rank, ev, Path(tmp), have, args.device, args.budget
+                ):
                     r["rank"] = args.rank
                     r["device"] = args.device
                     rows.append(r)
