@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from quality import average_forgetting, best_composed, share_kept  # noqa: E402
+from quality import average_forgetting, best_composed, share_kept, summarise  # noqa: E402
 
 # five concepts: checkpoints at N = 4 (a full row) and the last row; rows 1, 2 and 5 score fewer
 MATRIX = [
@@ -35,3 +35,18 @@ def test_a_method_that_never_composes_forgets_little_and_keeps_nothing() -> None
     assert average_forgetting(never) == pytest.approx(0.02)
     assert share_kept(never) == 0.0
     assert share_kept([[0.0], [0.0, 0.0]]) is None
+
+
+def test_a_budget_variant_is_summarised_apart_and_listed_after_its_method() -> None:
+    def row(method: str, seed: int, identity: float) -> dict:
+        return {"method": method, "n": 4, "rank": 4, "seed": seed, "final_identity": identity, "peak_rss_max": 1}
+
+    rows = [
+        row("lora", 0, 0.1),
+        row("seqlora (budget 0.2)", 0, 0.5),
+        row("seqlora (budget 0.2)", 1, 0.7),
+        row("seqlora", 0, 0.3),
+    ]
+    summary = summarise(rows)
+    assert [s["method"] for s in summary] == ["seqlora", "seqlora (budget 0.2)", "lora"]
+    assert summary[1]["seeds"] == 2 and summary[1]["final_identity"] == pytest.approx(0.6)
