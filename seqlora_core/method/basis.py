@@ -26,11 +26,33 @@ def span_basis(rows: list[torch.Tensor], n: int, tol: float = 1e-6) -> torch.Ten
     return u[:, keep].float().contiguous()
 
 
-def project_out(g: torch.Tensor, q: torch.Tensor | None) -> torch.Tensor:
-    """G P with P = I - Q Q^T: remove the components of G's rows along earlier bases (batched)."""
+def project_out(g: torch.Tensor, q: torch.Tensor | None, complement: torch.Tensor | None = None) -> torch.Tensor:
+    """G P with P = I - Q Q^T: remove the components of G's rows along earlier bases (batched).
+
+    With ``complement``, an orthonormal basis C of the complement of span(Q) (see ``narrow_complement``),
+    P = C C^T is applied through C instead: the same projection, cheaper when C is narrower than Q."""
+    if complement is not None:
+        return (g @ complement) @ complement.mT
     if q is None or q.shape[-1] == 0:
         return g
     return g - (g @ q) @ q.mT
+
+
+def narrow_complement(qs: list[torch.Tensor | None], n: int) -> torch.Tensor | None:
+    """Stacked orthonormal bases (G x n x max(n - K_i), zero-padded) of the complements of the layers' Q_i
+    (n x K_i), when the widest of them is narrower than the widest Q_i (a projection then costs less; they
+    are built once per training, one QR per layer); else None (project with Q). A layer without Q (nothing
+    to stay orthogonal to) makes it None."""
+    if any(q is None for q in qs):
+        return None
+    widest_q = max(q.shape[1] for q in qs)
+    if n - min(q.shape[1] for q in qs) >= widest_q:
+        return None
+    parts = [complement_basis(q, n, q.device).float() for q in qs]
+    out = torch.zeros(len(parts), n, max(p.shape[1] for p in parts), device=parts[0].device)
+    for i, p in enumerate(parts):
+        out[i, :, : p.shape[1]] = p
+    return out
 
 
 def stiefel_tangent(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -55,8 +77,14 @@ def complement_basis(q: torch.Tensor | None, n: int, device: torch.device | None
     if q is None or q.shape[1] == 0:
         return torch.eye(n, dtype=torch.float64, device=device)
     k = q.shape[1]
-    full, _ = torch.linalg.qr(q.double(), mode="complete")
-    return full[:, k:]
+    # the last n - K columns of Q's complete QR factor, applied to [0; I] from its Householder reflectors
+    # (half the cost of forming the whole n x n factor)
+    reflectors, tau = torch.geqrf(q.double())
+    tail = torch.zeros(n, n - k, dtype=torch.float64, device=reflectors.device)
+    if n > k:
+        tail[k:].copy_(torch.eye(n - k, dtype=torch.float64, device=reflectors.device))
+        tail = torch.ormqr(reflectors, tau, tail)
+    return tail
 
 
 @dataclass

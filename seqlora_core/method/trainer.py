@@ -361,6 +361,7 @@ class Group:
     opt_a: Adam | ScaledMomentum | None = None
     opt_b: Adam | None = None
     last_rel: torch.Tensor | None = None  # G, detached R_old / R_self
+    q_free: torch.Tensor | None = None  # G x n x C: the complement of q, when narrower (the same projection)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -574,6 +575,7 @@ class _Run:
                 torch.zeros(len(specs), device=dev),
                 [i.protection for i in inits],
             )
+            g.q_free = bs.narrow_complement([None if i.q is None else i.q.to(dev) for i in inits], n)
             g.B.requires_grad_(True)
             g.opt_b = Adam(g.B)
             if self.method.basis in ("learned", "free"):
@@ -710,25 +712,25 @@ class _Run:
         R_old / R_self, plus the penalty step -> P and tangent again -> step (at most MAX_TURN per layer) -> QR
         retraction. theta = lambda / (lambda + LAMBDA_HALF) grows from 0 to 1 with lambda.
 
-        Each projection onto the complement of earlier bases costs O(r n K). The gradient and the direction
+        Each projection onto the complement of earlier bases costs O(r n min(K, n - K)). The gradient and the direction
         are projected every step (Adam's moments must only see feasible directions); the iterate, which the
         step keeps in the complement up to round-off, is re-projected every ``REPROJECT_EVERY`` steps and
         at the last one.
         """
         eta = self.cfg.rho * self.cfg.lr
-        d = eta * g.opt_a.direction(bs.stiefel_tangent(bs.project_out(g.A.grad, g.q), g.A))
+        d = eta * g.opt_a.direction(bs.stiefel_tangent(bs.project_out(g.A.grad, g.q, g.q_free), g.A))
         if pen is not None:
             grad, size = pen
-            normal = bs.stiefel_tangent(bs.project_out(grad, g.q), g.A)
+            normal = bs.stiefel_tangent(bs.project_out(grad, g.q, g.q_free), g.A)
             normal = normal / normal.flatten(1).norm(dim=1).clamp_min(1e-30).view(-1, 1, 1)
             along = (d * normal).sum((1, 2), keepdim=True)  # < 0: the step A - d raises the ratio
             d = d - _theta(g.lam).view(-1, 1, 1) * along.clamp(max=0) * normal + size * grad
-        d = bs.stiefel_tangent(bs.project_out(d, g.q), g.A)
+        d = bs.stiefel_tangent(bs.project_out(d, g.q, g.q_free), g.A)
         size = d.flatten(1).norm(dim=1).clamp_min(1e-30)
         d = d * (MAX_TURN / size).clamp(max=1.0).view(-1, 1, 1)
         new = g.A - d
         if (self.step + 1) % REPROJECT_EVERY == 0 or self.step + 1 >= self.cfg.steps:
-            new = bs.project_out(new, g.q)
+            new = bs.project_out(new, g.q, g.q_free)
         g.A.copy_(bs.orthonormal_rows(new))
 
     def interference_now(self, fresh: bool = False) -> tuple[float, float]:
