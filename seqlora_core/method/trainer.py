@@ -575,7 +575,8 @@ class _Run:
                 torch.zeros(len(specs), device=dev),
                 [i.protection for i in inits],
             )
-            g.q_free = bs.narrow_complement([None if i.q is None else i.q.to(dev) for i in inits], n)
+            if self.method.basis == "learned":  # the bases that step, and so project every step
+                g.q_free = bs.narrow_complement([None if i.q is None else i.q.to(dev) for i in inits], n)
             g.B.requires_grad_(True)
             g.opt_b = Adam(g.B)
             if self.method.basis in ("learned", "free"):
