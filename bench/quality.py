@@ -140,6 +140,16 @@ def checkpoint(pipe, bank, method: str, seed: int, matrix, per_concept, base_ima
     }
 
 
+def train_settings(rank: int, budget: float | None) -> dict:
+    """The toy training settings of a run: the recipe's, at ``rank``, with ``budget`` when given."""
+    return TOY_TRAIN | {"rank": rank} | ({} if budget is None else {"budget": budget})
+
+
+def variant_label(method: str, budget: float | None) -> str:
+    """The method's name in the rows: "seqlora", or "seqlora (budget 0.2)" at another budget."""
+    return method if budget is None else f"{method} (budget {budget:g})"
+
+
 def run(
     method: str,
     ns: list[int],
@@ -157,8 +167,8 @@ def run(
     With ``budget``, the rows' method is labelled "method (budget eps)"."""
     pipe = load_base(TOY, device)
     base_images = sample(pipe, PRIOR_PROMPTS, ev)
-    train = TOY_TRAIN | {"rank": rank} | ({} if budget is None else {"budget": budget})
-    label = method if budget is None else f"{method} (budget {budget:g})"
+    train = train_settings(rank, budget)
+    label = variant_label(method, budget)
     bank = None
     matrix: list[list[float | None]] = []
     per_concept = []
@@ -311,8 +321,7 @@ def main() -> None:
     args = parse_args(ap)
     tag = args.tag or ("quality_quick" if args.quick else "quality")
     ev = EvalSettings(seeds=4)
-    train = TOY_TRAIN | {"rank": args.rank} | ({} if args.budget is None else {"budget": args.budget})
-    extra = {"steps": args.steps, "lr": args.lr, "train": train, "eval": vars(ev)}
+    extra = {"steps": args.steps, "lr": args.lr, "train": train_settings(args.rank, args.budget), "eval": vars(ev)}
     if args.combine:
         rows = [r for t in args.combine.split(",") for r in load_rows(t)]
         print(f"wrote {write_summary(tag, rows, extra | {'combined': args.combine.split(',')})}")
@@ -324,11 +333,10 @@ def main() -> None:
     partial = RESULTS / f"{tag}.partial.jsonl"
     rows = load_rows(tag) if partial.exists() else []
     done = {(r["method"], r["n"], r["seed"]) for r in rows}
-    label = (lambda m: m) if args.budget is None else (lambda m: f"{m} (budget {args.budget:g})")
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
             for method in methods:
-                have = {n for n in ns if (label(method), n, seed) in done}
+                have = {n for n in ns if (variant_label(method, args.budget), n, seed) in done}
                 if len(have) == len(ns):
                     continue
                 t0 = time.perf_counter()
